@@ -1,0 +1,76 @@
+"""`python -m diffrepro <stage> [...]`: the entry point of every DVC stage, plus `info MODEL`.
+
+Each stage reads params.yaml itself (only its own section); errors that a user can fix are
+printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from diffrepro.errors import UserError
+
+
+def _stage(module: str, function: str, with_run: bool = False):
+    def run(args):
+        import importlib
+
+        from diffrepro.config import load_params
+
+        params = load_params(args.params)
+        fn = getattr(importlib.import_module(f"diffrepro.{module}"), function)
+        return fn(params, args.run) if with_run else fn(params)
+
+    return run
+
+
+STAGES = {
+    "download": ("prepare", "download_stage", False, "fetch or generate the raw data set"),
+    "prepare": ("prepare", "prepare_stage", False, "decode, crop and shard the data set"),
+    "autoencoder": ("train_autoencoder", "autoencoder_stage", False, "train the tiny VAE / adopt the SD VAE"),
+    "extract-latents": ("latents", "extract_latents_stage", False, "encode image + flip moments"),
+    "features": ("features", "features_stage", False, "FID network and reference statistics"),
+    "train": ("train", "train_stage", True, "train one run"),
+    "sample": ("sample", "sample_stage", True, "sample one run"),
+    "evaluate": ("evaluate", "evaluate_stage", True, "score one run's samples"),
+    "report": ("report", "report_stage", False, "write reports/results.md and results.csv"),
+}
+
+
+def _info(args) -> None:
+    from diffrepro.models.info import model_info
+
+    kwargs = {"num_classes": args.num_classes, "image_size": args.image_size,
+              "num_super_classes": args.num_super_classes}
+    print(json.dumps(model_info(args.model, method=args.method,
+                                **{k: v for k, v in kwargs.items() if v is not None})))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m diffrepro", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, function, with_run, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text)
+        if with_run:
+            p.add_argument("run", help="a run name from params.yaml `runs`")
+        p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+        p.set_defaults(func=_stage(module, function, with_run))
+    info = sub.add_parser("info", help="params, trainable params and GMACs of a model")
+    info.add_argument("model", help="registry name, e.g. DiT-XL/2, DiMR-XL/2R, ddpmpp, sd-v1.4-unet")
+    info.add_argument("--method", default=None, help="method whose parameter selection applies")
+    info.add_argument("--num-classes", type=int, default=None)
+    info.add_argument("--num-super-classes", type=int, default=None)
+    info.add_argument("--image-size", type=int, default=None, help="image size in pixels")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,259 @@
+"""Stable Diffusion v1.4's UNet and the SD pieces around it (Immiscible Diffusion's SD experiments).
+
+- `sd-v1.4-unet`: diffusers' `UNet2DConditionModel` with SD v1.4's config written out here (859,520,964
+  parameters), randomly initialised (the "scratch" runs) or loaded from a local SD v1.4 folder
+  (the fine-tune runs). The official fine-tune script overwrote the loaded weights with a random
+  init; here `pretrained` loads the weights and nothing re-initialises them.
+- `SDUNet` puts it behind the repo's backbone interface `forward(x, t, y)`: a class label is mapped
+  to its prompt's frozen CLIP embedding, and the null class to the empty prompt (the "" branch of
+  classifier-free guidance), so the generic training loop and sampler can drive it.
+- `load_sd_components` / `tiny_sd_components`: VAE, CLIP text encoder, tokenizer and UNet, from a
+  local folder (paper scale) or built offline at toy size with the same structure (tests, default).
+- `sd_training_loss`: the official step (VAE latents × 0.18215, assigned noise, t ~ U{0..999},
+  ε-prediction MSE); `generate_images`: the official sampler (PNDM, 20 steps, guidance 7.5).
+
+diffusers/transformers are imported inside functions: the registry imports every backbone module,
+and these imports cost seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffrepro.errors import UserError
+from diffrepro.models.registry import register
+
+SD_V14_REPO = "CompVis/stable-diffusion-v1-4"
+SD_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "unet")
+
+# unet/config.json of CompVis/stable-diffusion-v1-4, every field written out (most equal diffusers'
+# defaults, which the official scratch run relied on: it set only cross_attention_dim=768)
+SD_V14_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    downsample_padding=1, mid_block_scale_factor=1, center_input_sample=False,
+    flip_sin_to_cos=True, freq_shift=0,
+)
+# scheduler/scheduler_config.json of SD v1.4: PNDM for sampling; training uses DDPM on the same betas
+SD_V14_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
+    prediction_type="epsilon",
+)
+SD_CONTEXT_LENGTH = 77  # CLIP's token positions
+
+
+class SDComponents(NamedTuple):
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    unet: nn.Module  # the raw diffusers UNet2DConditionModel
+
+
+class SDUNet(nn.Module):
+    """SD's UNet as a backbone: `forward(x, t, y=None, encoder_hidden_states=None)` → ε (B, 4, H, W)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.in_channels = unet.config.in_channels
+        self.out_channels = unet.config.out_channels
+        self.input_size = unet.config.sample_size
+        self.num_classes = None  # text-conditioned until `set_class_prompts`
+        self.class_context = None
+
+    def set_class_prompts(self, text_encoder, tokenizer, prompts: list[str]) -> None:
+        """Condition on class labels: row y of the context is prompt y's CLIP embedding, row
+        `num_classes` (the null class) the empty prompt's. The text encoder is frozen, so this
+        equals encoding the prompt at every step, as the official script does."""
+        self.class_context = encode_prompts(text_encoder, tokenizer, [*prompts, ""])
+        self.num_classes = len(prompts)
+
+    def forward(self, x, t, y=None, encoder_hidden_states=None):
+        if encoder_hidden_states is None:
+            if y is None or self.class_context is None:
+                raise UserError("SD UNet needs encoder_hidden_states, "
+                                "or labels y after set_class_prompts(...)")
+            encoder_hidden_states = self.class_context[y.to(self.class_context.device)].to(x.device)
+        return self.unet(x, t, encoder_hidden_states, return_dict=False)[0]
+
+    def example_inputs(self, batch_size: int, device) -> tuple:
+        """One 64×64 latent, a timestep and a 77-token text context (SD v1.4 at 512 px)."""
+        c = self.unet.config
+        x = torch.randn(batch_size, c.in_channels, c.sample_size, c.sample_size, device=device)
+        t = torch.full((batch_size,), 999, device=device)
+        context = torch.randn(batch_size, SD_CONTEXT_LENGTH, c.cross_attention_dim, device=device)
+        return x, t, None, context
+
+
+@register("sd-v1.4-unet")
+def sd_v14_unet(pretrained: str | None = None, sample_size: int | None = None, **overrides) -> SDUNet:
+    """Scratch: SD v1.4's architecture with diffusers' default init (`overrides` change the config,
+    e.g. for a toy size). Fine-tune: `pretrained` = a local SD v1.4 folder; its `unet/` is loaded.
+    `sample_size` = latent side (32 for the paper's 256 px runs; it does not change the weights)."""
+    from diffusers import UNet2DConditionModel
+
+    if pretrained is not None:
+        if overrides:
+            raise UserError(f"sd-v1.4-unet: config overrides {sorted(overrides)} "
+                            "cannot change a pretrained UNet")
+        unet = _load(UNet2DConditionModel, _checked_folder(pretrained, ("unet",))["unet"])
+    else:
+        unet = UNet2DConditionModel(**{**SD_V14_UNET_CONFIG, **overrides})
+    if sample_size is not None:
+        unet.register_to_config(sample_size=sample_size)
+    return SDUNet(unet)
+
+
+def _checked_folder(sd_dir: str | Path, names: tuple[str, ...] = SD_SUBFOLDERS) -> dict[str, Path]:
+    """The component folders of a local SD v1.4 copy, all checked before any is loaded."""
+    paths = {name: Path(sd_dir) / name for name in names}
+    for path in paths.values():
+        if not path.is_dir():
+            raise UserError(f"{path} is missing: sd_dir must be a local copy of the Hugging Face repo "
+                            f"{SD_V14_REPO} (e.g. `hf download {SD_V14_REPO} --local-dir {sd_dir}`)")
+    return paths
+
+
+def _load(cls, path: Path):
+    try:
+        return cls.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load {path} ({first_line}); re-download it from {SD_V14_REPO}") from err
+
+
+def load_sd_components(sd_dir: str | Path) -> SDComponents:
+    """VAE, text encoder, tokenizer and UNet from a local SD v1.4 folder; VAE and text encoder frozen."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    paths = _checked_folder(sd_dir)
+    components = SDComponents(
+        vae=_load(AutoencoderKL, paths["vae"]),
+        text_encoder=_load(CLIPTextModel, paths["text_encoder"]),
+        tokenizer=_load(CLIPTokenizer, paths["tokenizer"]),
+        unet=_load(UNet2DConditionModel, paths["unet"]),
+    )
+    return _freeze_encoders(components)
+
+
+def _freeze_encoders(components: SDComponents) -> SDComponents:
+    for frozen in (components.vae, components.text_encoder):
+        frozen.requires_grad_(False).eval()
+    return components
+
+
+def tiny_sd_components(seed: int = 0) -> SDComponents:
+    """SD's structure at toy size, built offline: 4-level UNet with the same block types, a 2-level
+    VAE (16 px ↔ 8×8×4 latents), a 2-layer CLIP text encoder and a real CLIPTokenizer whose
+    vocabulary is the byte-level alphabet with no merges (so it tokenizes character by character)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    context_length, width = 16, 16
+    chars = ByteLevel.alphabet()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*chars, *(c + "</w>" for c in chars)]:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=context_length)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**{
+            **SD_V14_UNET_CONFIG, "sample_size": 8, "block_out_channels": (8, 16, 32, 32),
+            "norm_num_groups": 4, "attention_head_dim": 2, "cross_attention_dim": width})
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=0.18215)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=context_length,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    return _freeze_encoders(SDComponents(vae, text_encoder, tokenizer, unet))
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded/truncated to the tokenizer's context length, as the official script does."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder, tokenizer, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """(len(prompts), context length, width) CLIP last hidden states, the UNet's cross-attention input."""
+    device = text_encoder.device
+    return torch.cat([text_encoder(tokenize(tokenizer, prompts[i:i + batch_size]).to(device))[0]
+                      for i in range(0, len(prompts), batch_size)])
+
+
+def imagenet_prompts(class_names: list[str], unique: bool = True) -> list[str]:
+    """Prompt of each class: its line of the class list (e.g. "tench, Tinca tinca").
+
+    The official list holds "crane" twice (lines 135 and 518: the bird and the machine), so two
+    classes share a prompt and, in the official sampler, overwrite each other's image files. With
+    `unique`, every name that occurs more than once gets its 0-based class index appended,
+    "crane (class 134)" and "crane (class 517)"; `unique=False` keeps the official prompts.
+    """
+    names = [name.strip() for name in class_names]
+    if not unique:
+        return names
+    repeated = {name for name in names if names.count(name) > 1}
+    return [f"{name} (class {i})" if name in repeated else name for i, name in enumerate(names)]
+
+
+def sd_noise_scheduler():
+    """SD v1.4's training noise schedule (DDPM: 1000 steps, scaled-linear β 0.00085 → 0.012, ε)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(SD_V14_SCHEDULER_CONFIG)
+
+
+def sd_training_loss(model: nn.Module, components: SDComponents, pixel_values: torch.Tensor,
+                     input_ids: torch.Tensor, noise_scheduler, assigner,
+                     generator: torch.Generator | None = None, accelerator=None) -> torch.Tensor:
+    """The official SD training objective on one batch of images in [-1, 1] and their token ids.
+
+    The noise comes from `assigner` (a `methods.immiscible.NoiseAssigner`), drawn after encoding and
+    before the timesteps. `model` is the trained `SDUNet` (possibly wrapped by accelerate); the VAE
+    and text encoder of `components` are frozen and run without gradients.
+    """
+    vae = components.vae
+    with torch.no_grad():
+        posterior = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+        latents = posterior.sample(generator) * vae.config.scaling_factor
+        context = components.text_encoder(input_ids.to(components.text_encoder.device))[0]
+        noise = assigner(latents, generator, accelerator)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                      generator=generator, device=generator.device if generator else latents.device)
+    t = t.to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    prediction = model(noisy, t, encoder_hidden_states=context)
+    return F.mse_loss(prediction.float(), noise.float())
+
+
+@torch.no_grad()
+def generate_images(components: SDComponents, prompts: list[str], num_inference_steps: int = 20,
+                    guidance_scale: float = 7.5, height: int = 256, width: int = 256,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] from diffusers' StableDiffusionPipeline as the official
+    sampler runs it: SD v1.4's PNDM scheduler, classifier-free guidance against "", no safety checker."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+        unet=components.unet, scheduler=PNDMScheduler.from_config(SD_V14_SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompts, height=height, width=width, num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale, generator=generator, output_type="pt").images

@@ -1,0 +1,67 @@
+"""`download` and `prepare` stages: raw data in, compact shards + classes.json out.
+
+The embedded default (`data.dataset: synthetic`) has nothing to download: its `download` step
+records the generator's settings, and `prepare` renders the images. Real data sets go through
+`data/download.py` (fetch + verify) and `data/real.py` (decode, crop, shard).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from diffrepro.atomic import atomic_path
+from diffrepro.data import shards, synthetic
+from diffrepro.errors import UserError
+
+SYNTHETIC_SPLITS = ("train", "heldout", "train_small", "base")
+
+
+def download_stage(params: dict) -> None:
+    data = params["data"]
+    raw_dir = Path(data["raw_dir"])
+    if data["dataset"] == "synthetic":
+        with atomic_path(raw_dir, is_dir=True) as tmp:
+            manifest = {"dataset": "synthetic", "source": "generated locally by "
+                        "src/diffrepro/data/synthetic.py; nothing is downloaded",
+                        "seed": params["seed"], **data["synthetic"]}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        return
+    from diffrepro.data import download
+
+    download.download_dataset(data["dataset"], raw_dir)
+
+
+def prepare_stage(params: dict) -> None:
+    data = params["data"]
+    out_dir = Path(data["prepared_dir"])
+    if data["dataset"] != "synthetic":
+        from diffrepro.data import real
+
+        real.prepare_real(data["dataset"], Path(data["raw_dir"]), out_dir, data["image_size"],
+                          skip_corrupt=data["skip_corrupt"])
+        return
+    manifest = Path(data["raw_dir"]) / "manifest.json"
+    if not manifest.exists():
+        raise UserError(f"{manifest} is missing: run `dvc repro download` first")
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        prepare_synthetic(params["seed"], data["image_size"], data["synthetic"], tmp)
+
+
+def prepare_synthetic(seed: int, image_size: int, cfg: dict, out_dir: Path) -> None:
+    """Render every split of the synthetic set into `out_dir` (shards + classes.json)."""
+    if cfg["small_subset_per_class"] > cfg["images_per_class"]:
+        raise UserError("params.yaml: `data.synthetic.small_subset_per_class` must not exceed "
+                        "`images_per_class`")
+    table = synthetic.class_table(cfg["num_super"], cfg["base_per_family"])
+    families = table["super_classes"]
+    train = synthetic.generate_split(table["classes"], families, cfg["images_per_class"], image_size, seed, "train")
+    heldout = synthetic.generate_split(table["classes"], families, cfg["heldout_per_class"], image_size, seed, "heldout")
+    base = synthetic.generate_split(table["base_classes"], families, cfg["base_images_per_class"], image_size, seed, "base")
+    per_class = np.arange(len(train[1])) % cfg["images_per_class"]
+    small = tuple(a[per_class < cfg["small_subset_per_class"]] for a in train)
+    for name, split in zip(SYNTHETIC_SPLITS, (train, heldout, small, base)):
+        shards.write_split(out_dir / name, *split)
+    shards.write_classes(out_dir, {**table, "image_size": image_size, "seed": seed})

@@ -1,0 +1,145 @@
+"""Immiscible Diffusion's noise assignment: optimal, a permutation, global across processes; KNN."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffrepro.errors import UserError
+from diffrepro.methods.immiscible import (NoiseAssigner, knn_select, lsa_permutation,
+                                          mean_pair_distance, norm_bias, pair_cost)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def brute_force_min(cost: np.ndarray) -> float:
+    n = len(cost)
+    perms = np.array(list(itertools.permutations(range(n))))
+    return cost[np.arange(n), perms].sum(1).min()
+
+
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("n", [2, 3, 5, 7])
+def test_assignment_reaches_the_brute_force_optimum(n, squared):
+    x0, noise = randn(n, 3, 2, 2, seed=n), randn(n, 3, 2, 2, seed=100 + n)
+    perm = lsa_permutation(pair_cost(x0, noise, quantize_fp16=False, squared=squared))
+    # independent cost: pairwise differences in float64, not the matmul form
+    dist = torch.cdist(x0.flatten(1).double(), noise.flatten(1).double())
+    cost = (dist.square() if squared else dist).numpy()
+    assert cost[np.arange(n), perm.numpy()].sum() == pytest.approx(brute_force_min(cost), rel=1e-6)
+
+
+def test_assigned_noise_is_a_permutation_of_the_drawn_noise_and_images_are_untouched():
+    x0 = randn(16, 4, 4, 4, seed=0)
+    x0_before = x0.clone()
+    drawn = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    assigned = NoiseAssigner("lsa")(x0, torch.Generator().manual_seed(7))
+    equal = (assigned.flatten(1)[:, None] == drawn.flatten(1)[None]).all(-1)  # (16, 16)
+    assert (equal.sum(0) == 1).all() and (equal.sum(1) == 1).all()
+    assert not torch.equal(assigned, drawn)  # the pairing did change
+    assert torch.equal(x0, x0_before)
+    assert norm_bias(assigned) == pytest.approx(norm_bias(drawn), abs=1e-12)
+
+
+def test_lsa_cuts_the_mean_distance_by_about_two_percent_at_sd_latent_size():
+    # reference §3 (measured): B=128, D=4096 Gaussian stand-ins → the summed distance drops ~2.0 %
+    x0 = randn(128, 4, 32, 32, seed=1)
+    noise = randn(128, 4, 32, 32, seed=2)
+    assigned = NoiseAssigner("lsa", quantize_fp16=False).assign(x0, noise)
+    cut = 1 - mean_pair_distance(x0, assigned) / mean_pair_distance(x0, noise)
+    assert 0.015 < cut < 0.025
+
+
+def test_quantised_cost_is_the_fp16_distance_of_the_0_1_scaled_inputs():
+    x0, noise = randn(6, 4, 16, 16, seed=16), randn(9, 4, 16, 16, seed=17)
+    cost = pair_cost(x0, noise)
+    scaled = [(0.1 * t.flatten(1)).half().double() for t in (x0, noise)]
+    independent = torch.cdist(*scaled)
+    assert torch.equal(cost.half().float(), cost)  # values are fp16 numbers
+    assert torch.allclose(cost.double(), independent, rtol=2 ** -10, atol=0)  # within one fp16 step
+
+
+def test_fp16_quantisation_changes_nothing_on_well_separated_inputs():
+    noise = randn(32, 4, 8, 8, seed=3)
+    target = torch.randperm(32, generator=torch.Generator().manual_seed(4))
+    x0 = noise[target] + 0.05 * randn(32, 4, 8, 8, seed=5)  # image i sits next to noise target[i]
+    for quantize in (True, False):
+        assert torch.equal(lsa_permutation(pair_cost(x0, noise, quantize_fp16=quantize)), target)
+    # at SD latent scale (D = 4096, |x| up to ~5) the fp16 path neither overflows nor collapses
+    big = 5 * randn(8, 4, 32, 32, seed=6)
+    assert torch.isfinite(pair_cost(big, big)).all()
+    assert torch.equal(lsa_permutation(pair_cost(big, big)), torch.arange(8))
+
+
+def test_global_assignment_on_two_processes_equals_one_process_holding_the_whole_batch(tmp_path):
+    b = 6
+    noise = randn(2 * b, 3, 4, 4, seed=8)
+    # process 0's images lie near process 1's noises and vice versa: per-process matching cannot
+    # pair them, the global one must
+    x0 = torch.cat([noise[b:], noise[:b]]) + 0.3 * randn(2 * b, 3, 4, 4, seed=9)
+    torch.save({"x0": x0, "noise": noise}, tmp_path / "batch.pt")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    worker = [str(ROOT / "tests" / "dist_assign_worker.py"), str(tmp_path / "batch.pt"), str(tmp_path)]
+    subprocess.run(launch + worker, env=env, check=True, timeout=180, capture_output=True)
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [p["num_processes"] for p in parts] == [2, 2]
+    distributed = torch.cat([p["noise"] for p in parts])
+
+    single = NoiseAssigner("lsa_global").assign(x0, noise, accelerator=None)
+    assert torch.equal(distributed, single)
+    assert torch.equal(distributed, torch.cat([noise[b:], noise[:b]]))
+    per_process = torch.cat([NoiseAssigner("lsa").assign(x0[:b], noise[:b]),
+                             NoiseAssigner("lsa").assign(x0[b:], noise[b:])])
+    assert not torch.equal(distributed, per_process)
+
+
+@pytest.mark.parametrize("mode", ["none", "knn"])
+def test_knn_with_one_candidate_is_plain_sampling(mode):
+    x0 = randn(5, 4, 8, 8, seed=10)
+    plain = torch.randn(x0.shape, generator=torch.Generator().manual_seed(11))
+    drawn = NoiseAssigner(mode, k=1)(x0, torch.Generator().manual_seed(11))
+    assert torch.equal(drawn, plain)
+
+
+def test_knn_keeps_the_nearest_of_k_candidates():
+    x0, k = randn(6, 2, 4, 4, seed=12), 9
+    candidates = torch.randn((6, k, 2, 4, 4), generator=torch.Generator().manual_seed(13))
+    kept = NoiseAssigner("knn", k=k, quantize_fp16=False)(x0, torch.Generator().manual_seed(13))
+    dist = (candidates.flatten(2).double() - x0.flatten(1).double()[:, None]).norm(dim=-1)
+    assert torch.equal(kept, candidates[torch.arange(6), dist.argmin(1)])
+    assert torch.equal(knn_select(x0, candidates, quantize_fp16=False), kept)
+
+
+def test_knn_biases_the_noise_norm_low_and_lsa_does_not():
+    # ‖x − ε‖² = ‖x‖² + ‖ε‖² − 2x·ε: with x, ε ~ N(0, I_d) the selected Z = ‖ε‖² − 2x·ε (variance
+    # 6d) is the minimum of k; ‖ε‖² − d has correlation 1/√3 with Z, so, to Gaussian order, the kept
+    # ‖ε‖²/d − 1 ≈ −√(2/(3d)) · E[max of k standard normals] (= 2.3437 for k = 64).
+    d, k = 1024, 64
+    x0 = randn(256, 4, 16, 16, seed=14)
+    expected = -math.sqrt(2 / (3 * d)) * 2.3437
+    knn = NoiseAssigner("knn", k=k)(x0, torch.Generator().manual_seed(15))
+    plain = NoiseAssigner("none")(x0, torch.Generator().manual_seed(15))
+    lsa = NoiseAssigner("lsa")(x0, torch.Generator().manual_seed(15))
+    assert norm_bias(knn) < -0.03  # the standard error of the mean is ~0.003
+    assert norm_bias(knn) == pytest.approx(expected, abs=0.015)
+    assert abs(norm_bias(plain)) < 0.012
+    assert norm_bias(lsa) == pytest.approx(norm_bias(plain), abs=1e-12)
+
+
+def test_unknown_mode_is_a_user_error():
+    with pytest.raises(UserError, match="lsa_global"):
+        NoiseAssigner("hungarian")
