@@ -24,6 +24,7 @@ RUN_SCHEMA: dict[str, Any] = {
     "model": str,
     "method": str,
     "diffusion": str,        # gaussian | edm
+    "schedule": str,         # Gaussian β schedule: linear (DiT) | scaled_linear (DiMR, SD)
     "space": str,            # latent | pixel
     "data": str,             # folder the run trains on (a DVC dep)
     "init_from": str,        # a trained model folder to fine-tune, or the data folder (= scratch)

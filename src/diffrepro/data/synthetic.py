@@ -121,3 +121,27 @@ def generate_split(table: list[dict], families: list[str], images_per_class: int
             labels.append(label)
             supers.append(cls["super"])
     return np.stack(images), np.asarray(labels, np.int64), np.asarray(supers, np.int64)
+
+
+def object_hue(images: np.ndarray, min_saturation: float = 0.45, min_value: float = 0.45) -> np.ndarray:
+    """Estimated hue (degrees) of the object in each uint8 image: the saturation-weighted circular
+    mean hue of its saturated, bright pixels (backgrounds are dull by construction). NaN when an
+    image has no such pixel. Used to score samples by a continuous per-class attribute error."""
+    rgb = images.astype(np.float64) / 255.0
+    value = rgb.max(-1)
+    chroma = value - rgb.min(-1)
+    saturation = np.where(value > 0, chroma / np.maximum(value, 1e-8), 0.0)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    safe = np.maximum(chroma, 1e-8)
+    hue = np.select([value == r, value == g], [((g - b) / safe) % 6, (b - r) / safe + 2], (r - g) / safe + 4) * 60
+    weight = saturation * ((saturation > min_saturation) & (value > min_value))
+    angle = np.deg2rad(hue)
+    x, y = (weight * np.cos(angle)).sum((1, 2)), (weight * np.sin(angle)).sum((1, 2))
+    out = np.rad2deg(np.arctan2(y, x)) % 360
+    return np.where(weight.sum((1, 2)) > 0, out, np.nan)
+
+
+def hue_error(estimated: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Circular distance in degrees (0..180); NaN estimates count as 90° (chance level)."""
+    diff = np.abs((estimated - target + 180) % 360 - 180)
+    return np.where(np.isnan(diff), 90.0, diff)

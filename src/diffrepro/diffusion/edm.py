@@ -78,13 +78,17 @@ def _randn(shape, generator: Generators, device) -> torch.Tensor:
 
 def edm_loss(denoiser: Callable, x0: torch.Tensor, labels: torch.Tensor | None = None,
              generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-             p_mean: float = P_MEAN, p_std: float = P_STD, sigma_data: float = SIGMA_DATA, **kwargs) -> torch.Tensor:
+             p_mean: float = P_MEAN, p_std: float = P_STD, sigma_data: float = SIGMA_DATA,
+             sigma: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """Per-sample λ(σ)‖D(x0 + σn; σ) − x0‖² summed over elements, shape (B,).
 
     σ is drawn first (ln σ ~ N(p_mean, p_std²)), then n ~ N(0, I) unless `noise` is given (unit
     variance, e.g. re-paired by Immiscible Diffusion). `kwargs` (e.g. coords) go to the denoiser.
+    A given `sigma` (B,) is used as drawn (the training loop draws it for the global batch).
     """
-    sigma = (_randn((x0.shape[0],), generator, x0.device) * p_std + p_mean).exp().to(x0.dtype)
+    if sigma is None:
+        sigma = (_randn((x0.shape[0],), generator, x0.device) * p_std + p_mean).exp()
+    sigma = sigma.to(x0.dtype)
     n = noise if noise is not None else _randn(x0.shape, generator, x0.device).to(x0.dtype)
     if n.shape != x0.shape:
         raise ValueError(f"noise shape {tuple(n.shape)} != data shape {tuple(x0.shape)}")

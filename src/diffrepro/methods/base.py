@@ -35,6 +35,8 @@ class Method:
     """Plain class-conditional training: all parameters, class dropout to the null class, CFG."""
 
     name = "dit"
+    model_overrides: dict = {}  # constructor kwargs the method needs (e.g. affine LayerNorms)
+    peft = False  # parameter-efficient: a fine-tuned run stores only its trained tensors
 
     def __init__(self, class_dropout: float = 0.1, **unused):
         self.class_dropout = class_dropout

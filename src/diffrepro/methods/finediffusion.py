@@ -43,6 +43,8 @@ def _train_only(model: torch.nn.Module, trainable) -> None:
 class FineDiffusion(Method):
     """Tiered class table + biases + affine norms; dropout and guidance to the superclass row."""
 
+    peft = True
+
     model_overrides = {"affine_norms": True}
 
     def configure_model(self, model: torch.nn.Module) -> None:
@@ -73,6 +75,8 @@ class FullFinetune(Method):
 class BitFit(Method):
     """Biases only, plus the new class table (the fine-grained classes have no pretrained rows)."""
 
+    peft = True
+
     def configure_model(self, model: torch.nn.Module) -> None:
         _train_only(model, lambda name: CLASS_TABLE in name or "bias" in name)
 
@@ -80,6 +84,8 @@ class BitFit(Method):
 @register_method("difffit")
 class DiffFit(Method):
     """Biases, norms, class table and the per-block scale factors γ added by `block_scales`."""
+
+    peft = True
 
     model_overrides = {"block_scales": True}
 
@@ -116,15 +122,24 @@ def load_official_dit(model: torch.nn.Module, path: str | Path) -> list[str]:
         state = state["ema"]
     if not isinstance(state, dict):
         raise UserError(f"{path} holds a {type(state).__name__}, not a DiT state dict")
+    return load_base_state(model, state, str(path))
+
+
+def load_base_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load a base DiT's tensors into `model`, discarding its class table (the classes are new).
+
+    Shared by the official checkpoint and the default scale's `pretrain` run. Returns the names
+    left at their fresh init: the class table and NEW_PARAMETER_SUFFIXES only, else UserError.
+    """
     state = {k: v for k, v in state.items() if k != CLASS_TABLE}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatch: a different DiT size or resolution
         first = str(err).strip().splitlines()[-1].strip()
-        raise UserError(f"{path} does not fit this DiT ({first}); check the model size and image_size") from err
+        raise UserError(f"{source} does not fit this DiT ({first}); check the model size and image_size") from err
     unknown_missing = [k for k in missing if k != CLASS_TABLE and not k.endswith(NEW_PARAMETER_SUFFIXES)]
     if unknown_missing or unexpected:
-        raise UserError(f"{path} does not match this DiT: missing {unknown_missing[:5]}, "
+        raise UserError(f"{source} does not match this DiT: missing {unknown_missing[:5]}, "
                         f"unexpected {list(unexpected)[:5]}")
     return list(missing)
 

@@ -48,7 +48,8 @@ def patch_size_probabilities(resolution: int, real_p: float, num_patch_sizes: in
         raise UserError(f"params: num_patch_sizes must be 3 (pixel recipe) or 2 (latent recipe), got {num_patch_sizes}")
     smallest = 2 ** (num_patch_sizes - 1)
     if resolution % smallest:
-        raise UserError(f"params: resolution {resolution} must be divisible by {smallest} for {num_patch_sizes} patch sizes")
+        raise UserError(f"params: resolution {resolution} must be divisible by {smallest} "
+                        f"for {num_patch_sizes} patch sizes")
     if num_patch_sizes == 2:
         return {resolution: real_p, resolution // 2: 1.0 - real_p}
     return {resolution: real_p, **{resolution // k: share * (1.0 - real_p) for k, share in SMALLER_SIZE_SHARES.items()}}

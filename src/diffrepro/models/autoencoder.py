@@ -30,6 +30,7 @@ def tiny_autoencoder(image_size: int, block_out_channels=(32, 64), latent_channe
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
         norm_num_groups=min(16, block_out_channels[0]), sample_size=image_size,
+        mid_block_add_attention=False,  # 4× cheaper per step here, no loss in reconstruction at 16 px
     )
 
 

@@ -4,7 +4,8 @@ in EDM's form) and ADM (Dhariwal & Nichol 2021, in EDM's form). Patch Diffusion 
 Both are one residual UNet: an input conv, per resolution level `num_blocks` residual blocks (a
 down-sampling block between levels), a middle pair of blocks (the first with self-attention), a
 mirrored decoder whose blocks each take one encoder skip, and a GroupNorm–SiLU–conv output. Every
-block is modulated by an embedding of the noise level c_noise (and the class). They differ in:
+block is modulated by an embedding of the noise level c_noise (and the class); encoder blocks at an
+attention resolution end with self-attention. They differ in:
 
 |                      | DDPM++ (`ddpmpp`)                          | ADM (`adm`)                                 |
 |----------------------|--------------------------------------------|---------------------------------------------|
@@ -12,9 +13,9 @@ block is modulated by an embedding of the noise level c_noise (and the class). T
 | embedding modulation | added to the features (a shift)            | scale and shift                             |
 | residual sum         | multiplied by 1/√2; GroupNorm eps 1e-6     | not scaled; GroupNorm eps 1e-5              |
 | resampling skip      | 1×1 conv after resampling                  | resampling only (no parameters)             |
-| attention            | 1 head; decoder: last block of a level     | 64 channels per head; every block           |
-| noise embedding      | sin/cos, endpoint frequency 1/10⁴, SiLU MLP | cos/sin, SiLU MLP (last SiLU after label)  |
-| class label          | one-hot·√L → linear with bias, before MLP  | one-hot → linear without bias, after MLP    |
+| attention (decoder)  | 1 head; last block of a level              | 64 channels per head; every block           |
+| noise embedding      | sin/cos, frequencies 1 … 1/10⁴; SiLU MLP   | sin/cos, 1 … (1/10⁴)^(1−2/C); SiLU MLP      |
+| class label          | one-hot·√L → linear with bias, before MLP  | one-hot → linear, no bias, after MLP        |
 | init                 | Xavier-uniform, output layers ×1e-5        | PyTorch default, output layers zero         |
 
 Choices: resampling uses the FIR filter [1, 1] (EDM's default for both nets), i.e. exactly 2×2

@@ -33,12 +33,16 @@ def model_info(name: str, method: str | None = None, **kwargs) -> dict:
     Every backbone exposes `example_inputs(batch_size, device)` returning the forward arguments
     of one sample (noisy input, timestep, label, ...).
     """
-    with torch.device("meta"):
-        model = build_model(name, **kwargs)
+    selector = None
     if method is not None:
         from diffrepro.methods import get_method
 
-        get_method(method).configure_model(model)
+        selector = get_method(method)
+        kwargs = {**selector.model_overrides, **kwargs}
+    with torch.device("meta"):
+        model = build_model(name, **kwargs)
+    if selector is not None:
+        selector.configure_model(model)
     total, trainable = count_params(model)
     gmacs = count_gmacs(model, model.example_inputs(1, torch.device("meta")))
     return {"model": name, "params": total, "trainable": trainable,

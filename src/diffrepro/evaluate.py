@@ -1,0 +1,99 @@
+"""`evaluate@RUN` stage: how good are a run's samples?
+
+- FID of the samples against the real training set's cached statistics (judge features by
+  default, Inception at paper scale), pytorch-fid's Fréchet distance.
+- Fine-class and superclass accuracy of the judge on the samples: does a sample show its class?
+- Hue error (default data only): the continuous per-class attribute, in degrees (chance ≈ 90°).
+- Diversity: mean within-class pairwise feature distance of the samples relative to that of real
+  held-out images (1.0 = as varied as real data; the paper's LPIPS plays this role).
+- The same FID/accuracy at every training snapshot (quality vs training steps).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffrepro.atomic import atomic_path
+from diffrepro.config import run_params
+from diffrepro.data import shards
+from diffrepro.data.synthetic import hue_error, object_hue
+from diffrepro.errors import UserError
+from diffrepro.features import FeatureNet, feature_statistics, frechet_distance
+from diffrepro.models.info import count_gmacs
+
+FEATURES_DIR = Path("models/features")
+
+
+def within_class_spread(features: np.ndarray, labels: np.ndarray, pairs: int, seed: int) -> float:
+    """Mean distance between random pairs of features that share a label."""
+    rng = np.random.default_rng(seed)
+    dists = []
+    for c in np.unique(labels):
+        f = features[labels == c]
+        if len(f) < 2:
+            continue
+        a, b = rng.integers(len(f), size=(2, pairs))
+        keep = a != b
+        dists.append(np.linalg.norm(f[a[keep]] - f[b[keep]], axis=1))
+    return float(np.concatenate(dists).mean())
+
+
+def score_samples(net: FeatureNet, images, labels, supers, reference, classes: dict | None) -> dict:
+    out = net(images)
+    scores = {"fid": frechet_distance(feature_statistics(out["features"]), reference),
+              "num_samples": int(len(images))}
+    if "fine_pred" in out:
+        scores["fine_accuracy"] = float((out["fine_pred"] == labels).mean())
+        scores["super_accuracy"] = float((out["super_pred"] == supers).mean())
+    if classes is not None and classes.get("dataset") == "synthetic":
+        target = np.asarray([classes["classes"][y]["hue"] for y in labels])
+        scores["hue_error_deg"] = float(hue_error(object_hue(images), target).mean())
+    return scores, out["features"]
+
+
+def evaluate_stage(params: dict, run: str) -> None:
+    cfg = run_params(params, run)
+    sample_dir = Path("samples") / run
+    if not (sample_dir / "final.npz").exists():
+        raise UserError(f"{sample_dir}/final.npz is missing: run `dvc repro sample@{run}`")
+    prepared = Path(params["data"]["prepared_dir"])
+    classes = shards.read_classes(prepared) if cfg["split"] != "base" else None
+    ref = np.load(FEATURES_DIR / "reference_stats.npz")
+    reference = (ref["mu"], ref["sigma"])
+    net = FeatureNet.load(params)
+    with np.load(sample_dir / "final.npz") as npz:
+        images, labels, supers = npz["images"], npz["labels"], npz["super_labels"]
+    metrics = {"run": run, "paper": cfg["paper"], "role": cfg["role"], "compare": cfg["compare"],
+               "model": cfg["model"], "method": cfg["method"], "assignment": cfg["assignment"]}
+    scores, features = score_samples(net, images, labels, supers, reference, classes)
+    metrics.update(scores)
+    if cfg["split"] != "base":
+        heldout = shards.read_split(prepared / "heldout")
+        real_spread = within_class_spread(net(heldout["images"])["features"], heldout["labels"],
+                                          params["evaluate"]["diversity_pairs"], params["seed"])
+        metrics["diversity"] = within_class_spread(features, labels, params["evaluate"]["diversity_pairs"],
+                                                   params["seed"]) / real_spread
+    metrics["quality_vs_steps"] = []
+    for snap in sorted(sample_dir.glob("step-*.npz")):
+        with np.load(snap) as npz:
+            s, _ = score_samples(net, npz["images"], npz["labels"], npz["super_labels"], reference, classes)
+        metrics["quality_vs_steps"].append({"step": int(snap.stem.split("-")[1]), **s})
+    train_metrics = json.loads((Path("models") / run / "train_metrics.json").read_text())
+    metrics["train"] = train_metrics
+    metrics["sampling"] = json.loads((sample_dir / "sampling.json").read_text())
+    metrics["gmacs"] = _run_gmacs(run)
+    with atomic_path(Path("metrics") / f"{run}.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=1))
+
+
+def _run_gmacs(run: str) -> float:
+    from diffrepro.runs import load_trained
+
+    model, _ = load_trained(Path("models") / run)
+    net = getattr(model, "net", model)
+    with torch.no_grad():
+        return round(count_gmacs(net, net.example_inputs(1, torch.device("cpu"))), 5)

@@ -1,0 +1,115 @@
+"""What a run is made of: its training data, its network (+ method overrides), its noise process.
+
+Shared by the train, sample and evaluate stages so that all three build exactly the same thing
+from `params.yaml` and the run's saved `config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from diffrepro.data import shards
+from diffrepro.errors import UserError
+from diffrepro.latents import LatentSet
+from diffrepro.models.autoencoder import to_unit_range
+from diffrepro.models.registry import build_model
+
+SPACES = ("latent", "pixel")
+DIFFUSIONS = ("gaussian", "edm")
+
+
+class ImageSet:
+    """In-memory pixel training set; `sample_batch` applies a random horizontal flip."""
+
+    def __init__(self, split_dir: str | Path):
+        data = shards.read_split(split_dir)
+        self.images = to_unit_range(data["images"])
+        self.labels = torch.from_numpy(data["labels"])
+        self.super_labels = torch.from_numpy(data["super_labels"])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def sample_batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = self.images[index]
+        flip = torch.rand(len(index), generator=generator) < 0.5
+        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def training_set(cfg: dict):
+    if cfg["space"] not in SPACES:
+        raise UserError(f"params.yaml: run space must be one of {SPACES}, got {cfg['space']!r}")
+    split_dir = Path(cfg["data"]) / cfg["split"]
+    if not split_dir.exists():
+        raise UserError(f"{split_dir} does not exist: check the run's `data` and `split` params "
+                        "(and run `dvc repro` for the data stages)")
+    data = LatentSet(split_dir) if cfg["space"] == "latent" else ImageSet(split_dir)
+    if len(data) == 0:
+        raise UserError(f"{split_dir} holds no records (empty data set)")
+    return data
+
+
+def class_counts(prepared_dir: str | Path, split: str) -> tuple[int, int]:
+    """(number of classes, number of superclasses) of a split: base split = the base classes."""
+    classes = shards.read_classes(prepared_dir)
+    table = classes["base_classes"] if split == "base" else classes["classes"]
+    return len(table), len(classes["super_classes"])
+
+
+def model_config(cfg: dict, method, data_shape: tuple[int, ...], num_classes: int) -> dict:
+    """The constructor kwargs of the run's network: data shape + method needs + explicit params."""
+    channels, size = data_shape[0], data_shape[-1]
+    kwargs = {"input_size": size, "in_channels": channels, "num_classes": num_classes}
+    extra = getattr(method, "coordinate_channels", 0)
+    if extra:
+        kwargs["extra_in_channels"] = extra
+    return {**kwargs, **method.model_overrides, **cfg["model_kwargs"]}
+
+
+def build_network(model_name: str, kwargs: dict, diffusion: str) -> torch.nn.Module:
+    """The registered backbone, wrapped in EDM's preconditioning for EDM runs."""
+    if diffusion not in DIFFUSIONS:
+        raise UserError(f"params.yaml: run diffusion must be one of {DIFFUSIONS}, got {diffusion!r}")
+    net = build_model(model_name, **kwargs)
+    if diffusion == "edm":
+        from diffrepro.diffusion.edm import EDMDenoiser
+
+        return EDMDenoiser(net)
+    return net
+
+
+def learns_sigma(model: torch.nn.Module) -> bool:
+    """DiT predicts ε and the variance (2C output channels); DiMR and the UNets predict ε only."""
+    return model.out_channels == 2 * model.in_channels
+
+
+def load_trained(run_dir: str | Path, which: str = "ema") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a trained run's network from its config.json and weights (base + delta for PEFT)."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.json"
+    if not config_file.exists():
+        raise UserError(f"{config_file} is missing: run `dvc repro train@{run_dir.name}` first")
+    config = json.loads(config_file.read_text())
+    model = build_network(config["model"], config["model_kwargs"], config["diffusion"])
+    weights = load_file(str(run_dir / f"{which}.safetensors"))
+    if config.get("delta_of"):  # PEFT run: only the trained tensors were saved
+        base_model, _ = load_trained(config["delta_of"], which)
+        state = base_model.state_dict()
+        state = {k: v for k, v in state.items() if k in model.state_dict() and
+                 model.state_dict()[k].shape == v.shape}
+        model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(weights, strict=not config.get("delta_of"))
+    if unexpected:
+        raise UserError(f"{run_dir}/{which}.safetensors was saved from another model: unexpected {unexpected[:3]}")
+    return model.eval().requires_grad_(False), config
+
+
+def rng(*keys: int) -> torch.Generator:
+    """A generator seeded by a tuple of integers (run seed, step, ...): resumable without state."""
+    seed = int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,157 @@
+"""`sample@RUN` stage: class-balanced samples of a trained run, decoded to uint8 images.
+
+Every image's starting noise comes from its own generator seeded by (sample seed, image index),
+so any subset can be regenerated and a killed stage resumes chunk by chunk (finished chunks are
+kept in `checkpoints/<run>/samples/`) without duplicating or dropping an image.
+Writes `samples/<run>/final.npz` (images, labels, super_labels), one npz per training snapshot
+(`step-XXXXXXX.npz`, for quality vs steps) and a labelled grid `samples/<run>/grid.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from diffrepro.atomic import atomic_path
+from diffrepro.config import run_params
+from diffrepro.data import shards
+from diffrepro.errors import UserError
+from diffrepro.methods import get_method
+from diffrepro.models.autoencoder import load_autoencoder, to_uint8
+from diffrepro.runs import learns_sigma, class_counts, load_trained, rng
+
+SAMPLE_SEED_OFFSET = 10_000  # sampling noise never reuses a training step's stream
+
+
+def sample_labels(prepared_dir: str, split: str, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """`per_class` labels of every class (class-balanced), with their superclasses."""
+    classes = shards.read_classes(prepared_dir)
+    table = classes["base_classes"] if split == "base" else classes["classes"]
+    labels = np.repeat(np.arange(len(table)), per_class)
+    supers = np.asarray([table[y]["super"] for y in labels], np.int64)
+    return labels, supers
+
+
+class RunSampler:
+    """Turns (labels, image indices) into images for one run's network and sampler params."""
+
+    def __init__(self, model: torch.nn.Module, config: dict, cfg: dict, seed: int, vae=None):
+        self.model, self.config, self.cfg, self.seed, self.vae = model, config, cfg, seed, vae
+        self.method = get_method(config["method"], **config["method_kwargs"])
+        if config["diffusion"] == "gaussian":
+            from diffrepro.diffusion.gaussian import GaussianDiffusion, make_betas
+
+            self.diffusion = GaussianDiffusion(make_betas(config["schedule"], 1000),
+                                               learn_sigma=learns_sigma(model))
+
+    def noise(self, indices: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=rng(self.seed, SAMPLE_SEED_OFFSET, int(i)))
+                            for i in indices])
+
+    @torch.no_grad()
+    def __call__(self, labels: np.ndarray, supers: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        kw = self.config["model_kwargs"]
+        shape = (kw["in_channels"], kw["input_size"], kw["input_size"])
+        x_T = self.noise(indices, shape)
+        y, s = torch.from_numpy(labels), torch.from_numpy(supers)
+        guide = self.method.guidance_labels(y, s, self.model)
+        scale = self.cfg["guidance_scale"]
+        if self.config["diffusion"] == "edm":
+            from diffrepro.diffusion.edm import edm_sample, make_denoiser_fn
+
+            extra = self.method.sampling_kwargs(len(y), kw["input_size"]) if hasattr(self.method, "sampling_kwargs") else {}
+            fn = make_denoiser_fn(self.model, y, scale, guide, **extra)
+            x0 = edm_sample(fn, x_T.shape, steps=self.cfg["sample_steps"], noise=x_T)
+        else:
+            from diffrepro.diffusion.gaussian import guided_model_fn, sample
+
+            fn = guided_model_fn(self.model, y, guide, scale, guided_channels=self.cfg["guided_channels"])
+            x0 = sample(self.diffusion, fn, x_T.shape, sampler=self.cfg["sampler"],
+                        steps=self.cfg["sample_steps"], noise=x_T)
+        if self.vae is not None:
+            x0 = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+        return to_uint8(x0)
+
+
+def sample_set(sampler: RunSampler, labels, supers, batch_size: int, chunk_dir: Path, desc: str) -> np.ndarray:
+    """All images of (labels, supers) in chunks of `batch_size`, resuming from finished chunks."""
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for start in tqdm(range(0, len(labels), batch_size), desc=desc, mininterval=10):
+        chunk = chunk_dir / f"chunk-{start:07d}.npy"
+        if chunk.exists():
+            parts.append(np.load(chunk))
+            continue
+        idx = np.arange(start, min(start + batch_size, len(labels)))
+        images = sampler(labels[idx], supers[idx], idx)
+        with atomic_path(chunk) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, images)
+        parts.append(images)
+    return np.concatenate(parts)
+
+
+def save_grid(images: np.ndarray, labels: np.ndarray, per_row: int, path: Path, title: str) -> None:
+    """A grid with one row per class (first `per_row` samples of it) and the class index at left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = np.unique(labels)
+    fig, axes = plt.subplots(len(classes), per_row, figsize=(per_row * 0.6 + 0.6, len(classes) * 0.6 + 0.4),
+                             squeeze=False)
+    for r, c in enumerate(classes):
+        row = images[labels == c][:per_row]
+        for k in range(per_row):
+            ax = axes[r][k]
+            ax.axis("off")
+            if k < len(row):
+                ax.imshow(row[k], interpolation="nearest")
+        axes[r][0].text(-0.6, 0.5, str(c), transform=axes[r][0].transAxes, ha="right", va="center", fontsize=6)
+    fig.suptitle(title, fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def sample_stage(params: dict, run: str) -> None:
+    cfg, scfg = run_params(params, run), params["sample"]
+    seed = params["seed"] + cfg["seed"]
+    run_dir = Path("models") / run
+    model, config = load_trained(run_dir)
+    vae = load_autoencoder("models/autoencoder") if config["space"] == "latent" else None
+    labels, supers = sample_labels(params["data"]["prepared_dir"], cfg["split"], scfg["per_class"])
+    num_classes, _ = class_counts(params["data"]["prepared_dir"], cfg["split"])
+    if config["model_kwargs"]["num_classes"] != num_classes:
+        raise UserError(f"{run_dir} was trained on {config['model_kwargs']['num_classes']} classes but the "
+                        f"prepared data has {num_classes}: re-run `dvc repro train@{run}`")
+    work = Path("checkpoints") / run / "samples"
+    with atomic_path(Path("samples") / run, is_dir=True) as tmp:
+        snapshots = sorted((run_dir / "snapshots").glob("step-*.safetensors"))
+        for snap in snapshots:  # quality vs training steps
+            snap_model, _ = load_trained(run_dir)
+            snap_model.load_state_dict(_full_state(snap_model, load_file(str(snap))))
+            images = sample_set(RunSampler(snap_model, config, cfg, seed, vae), labels, supers,
+                                scfg["batch_size"], work / snap.stem, f"sample {run} {snap.stem}")
+            np.savez(tmp / f"{snap.stem}.npz", images=images, labels=labels, super_labels=supers)
+        images = sample_set(RunSampler(model, config, cfg, seed, vae), labels, supers, scfg["batch_size"],
+                            work / "final", f"sample {run}")
+        np.savez(tmp / "final.npz", images=images, labels=labels, super_labels=supers)
+        shown = labels < scfg["grid_classes"]
+        save_grid(images[shown], labels[shown], min(8, scfg["per_class"]), tmp / "grid.png",
+                  f"{run}: {config['model']} {config['method']}, {cfg['sampler']} {cfg['sample_steps']} steps, "
+                  f"guidance {cfg['guidance_scale']}")
+        (tmp / "sampling.json").write_text(json.dumps({"num_images": int(len(labels)), **{
+            k: cfg[k] for k in ("sampler", "sample_steps", "guidance_scale", "guided_channels")}}, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _full_state(model: torch.nn.Module, snapshot: dict) -> dict:
+    """A snapshot of a PEFT run holds only the trained tensors: complete it from the loaded model."""
+    return {**model.state_dict(), **snapshot}
