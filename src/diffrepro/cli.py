@@ -48,6 +48,12 @@ def _info(args) -> None:
                                 **{k: v for k, v in kwargs.items() if v is not None})))
 
 
+def _params(args) -> None:
+    from diffrepro.profiles import write_params
+
+    write_params(args.profile, args.output)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m diffrepro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--num-super-classes", type=int, default=None)
     info.add_argument("--image-size", type=int, default=None, help="image size in pixels")
     info.set_defaults(func=_info)
+    compose = sub.add_parser("params", help="write params.yaml composed from conf/ for a profile")
+    compose.add_argument("--profile", default="default", help="a file name in conf/profile/ (no .yaml)")
+    compose.add_argument("--output", default="params.yaml")
+    compose.set_defaults(func=_params)
     return parser
 
 

@@ -29,7 +29,7 @@ FEATURES_DIR = Path("models/features")
 
 
 def within_class_spread(features: np.ndarray, labels: np.ndarray, pairs: int, seed: int) -> float:
-    """Mean distance between random pairs of features that share a label."""
+    """Mean distance between random pairs of features that share a label (None: no such pair)."""
     rng = np.random.default_rng(seed)
     dists = []
     for c in np.unique(labels):
@@ -39,7 +39,7 @@ def within_class_spread(features: np.ndarray, labels: np.ndarray, pairs: int, se
         a, b = rng.integers(len(f), size=(2, pairs))
         keep = a != b
         dists.append(np.linalg.norm(f[a[keep]] - f[b[keep]], axis=1))
-    return float(np.concatenate(dists).mean())
+    return float(np.concatenate(dists).mean()) if dists else None
 
 
 def score_samples(net: FeatureNet, images, labels, supers, reference, classes: dict | None) -> dict:
@@ -75,8 +75,8 @@ def evaluate_stage(params: dict, run: str) -> None:
         heldout = shards.read_split(prepared / "heldout")
         real_spread = within_class_spread(net(heldout["images"])["features"], heldout["labels"],
                                           params["evaluate"]["diversity_pairs"], params["seed"])
-        metrics["diversity"] = within_class_spread(features, labels, params["evaluate"]["diversity_pairs"],
-                                                   params["seed"]) / real_spread
+        spread = within_class_spread(features, labels, params["evaluate"]["diversity_pairs"], params["seed"])
+        metrics["diversity"] = spread / real_spread if spread is not None and real_spread else None
     metrics["quality_vs_steps"] = []
     for snap in sorted(sample_dir.glob("step-*.npz")):
         with np.load(snap) as npz:

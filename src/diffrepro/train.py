@@ -238,8 +238,10 @@ def train_stage(params: dict, run: str) -> None:
         loss = trainer.step(step)
         step_times.append(time.perf_counter() - tic)
         losses.append(loss)
-        if live is not None and (step + 1) % params["train"]["log_every"] == 0:
-            live.log_metric("train/loss", sum(losses[-params["train"]["log_every"]:]) / params["train"]["log_every"])
+        every = params["train"]["log_every"]
+        if live is not None and ((step + 1) % every == 0 or step + 1 == cfg["steps"]):
+            recent = losses[-every:]
+            live.log_metric("train/loss", sum(recent) / len(recent))
             live.log_metric("train/step_seconds", step_times[-1])
             live.step = step + 1
             live.next_step()

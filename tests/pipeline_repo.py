@@ -1,0 +1,45 @@
+"""A throw-away git + DVC copy of this repository, for end-to-end pipeline tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("src", "conf", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config")
+
+
+def make_repo(path: Path) -> Path:
+    """Copy the pipeline's files (not data, models or caches) into a fresh git repo with one commit."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        src, dst = ROOT / name, path / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, dst)
+    (path / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
+    run(path, "git", "init", "-q")
+    run(path, "git", "add", "-A")
+    run(path, "git", "commit", "-qm", "pipeline copy")
+    return path
+
+
+def env(path: Path) -> dict:
+    e = dict(os.environ)
+    e.update({"DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(path / ".site-cache"),
+              "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+              "GIT_COMMITTER_EMAIL": "t@t", "PATH": f"{Path(sys.executable).parent}:{e.get('PATH', '')}",
+              "MPLBACKEND": "Agg"})
+    return e
+
+
+def run(path: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=path, env=env(path), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

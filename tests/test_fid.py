@@ -1,0 +1,72 @@
+"""FID: pytorch-fid's distance equals a direct scipy computation; the Inception path loads locally."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from diffrepro.errors import UserError
+from diffrepro.features import feature_statistics, frechet_distance, load_inception
+
+
+def _direct_fid(a: np.ndarray, b: np.ndarray) -> float:
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(sa @ sb).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sa + sb - 2 * covmean))
+
+
+def test_fid_equals_a_direct_scipy_computation():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 8))
+    b = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 8)) * 0.5 + 1.0
+    ours = frechet_distance(feature_statistics(a), feature_statistics(b))
+    assert ours == pytest.approx(_direct_fid(a, b), rel=1e-6)
+
+
+def test_fid_of_a_set_against_itself_is_zero():
+    a = np.random.default_rng(1).normal(size=(500, 16))
+    assert abs(frechet_distance(feature_statistics(a), feature_statistics(a))) < 1e-6
+
+
+def test_fid_of_two_gaussians_matches_the_closed_form():
+    # N(0, I) vs N(m, 4 I) in d dims: ‖m‖² + d·(1 + 4 − 2·2) = ‖m‖² + d
+    rng = np.random.default_rng(2)
+    d, m = 4, np.array([1.0, 0, 0, 0])
+    a = rng.normal(size=(200_000, d))
+    b = rng.normal(size=(200_000, d)) * 2 + m
+    assert frechet_distance(feature_statistics(a), feature_statistics(b)) == pytest.approx(1.0 + d, rel=0.02)
+
+
+def _random_fid_inception_state() -> dict:
+    """Random weights in the real FID Inception layout (pytorch-fid's fid_inception_v3 structure)."""
+    from pytorch_fid import inception as fi
+
+    net = fi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    for name, block in [("Mixed_5b", fi.FIDInceptionA(192, pool_features=32)),
+                        ("Mixed_5c", fi.FIDInceptionA(256, pool_features=64)),
+                        ("Mixed_5d", fi.FIDInceptionA(288, pool_features=64)),
+                        ("Mixed_6b", fi.FIDInceptionC(768, channels_7x7=128)),
+                        ("Mixed_6c", fi.FIDInceptionC(768, channels_7x7=160)),
+                        ("Mixed_6d", fi.FIDInceptionC(768, channels_7x7=160)),
+                        ("Mixed_6e", fi.FIDInceptionC(768, channels_7x7=192)),
+                        ("Mixed_7b", fi.FIDInceptionE_1(1280)), ("Mixed_7c", fi.FIDInceptionE_2(2048))]:
+        setattr(net, name, block)
+    return net.state_dict()
+
+
+def test_inception_loads_from_a_local_file_through_pytorch_fid(tmp_path):
+    state = _random_fid_inception_state()
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(state, weights)
+    loaded = load_inception(str(weights))
+    # Mixed_7c's pool-branch conv sits in the last block of pytorch-fid's wrapper
+    assert torch.equal(loaded.blocks[3][2].branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
+    with torch.no_grad():
+        feats = loaded(torch.rand(2, 3, 75, 75))[0]
+    assert feats.shape == (2, 2048, 1, 1)
+
+
+def test_missing_inception_weights_name_the_file_and_the_url(tmp_path):
+    with pytest.raises(UserError, match="pt_inception-2015-12-05-6726825d.pth"):
+        load_inception(str(tmp_path / "missing.pth"))
