@@ -6,7 +6,7 @@ import pytest
 
 from pipeline_repo import make_repo, run
 
-STAGES = ("download", "prepare", "autoencoder", "extract_latents", "features", "train@dit", "sample@dit",
+STAGES = ("download", "prepare", "autoencoder", "extract_latents", "features", "pretrain", "train@dit", "train@finediffusion", "sample@dit",
           "evaluate@dit", "report")
 
 

@@ -18,9 +18,6 @@ PARAMS_FILE = "params.yaml"
 
 # Leaf types: a type, a tuple of types, or "list" / "optional:<type>" markers handled below.
 RUN_SCHEMA: dict[str, Any] = {
-    "paper": str,            # which paper's table the run belongs to
-    "role": str,             # "method" or "baseline" within that table
-    "compare": str,          # the comparison (row) it takes part in, e.g. "scratch"
     "model": str,
     "method": str,
     "diffusion": str,        # gaussian | edm
@@ -71,6 +68,7 @@ SCHEMA: dict[str, Any] = {
     "features": {"kind": str, "inception_weights": str, "steps": int, "batch_size": int,
                  "lr": float, "width": int},
     "train": {"num_workers": int, "log_every": int},
+    "pretrain": RUN_SCHEMA,
     "runs": {"*": RUN_SCHEMA},
     "sample": {"per_class": int, "batch_size": int, "grid_classes": int},
     "evaluate": {"diversity_pairs": int},
@@ -133,7 +131,9 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict:
 
 
 def run_params(params: dict, run: str) -> dict:
-    """The `runs.<run>` section, with a clear error for an unknown run name."""
+    """The `runs.<run>` section (or `pretrain`, the base model fine-tuning starts from)."""
+    if run == "pretrain":
+        return params["pretrain"]
     runs = params.get("runs", {})
     if run not in runs:
         raise UserError(f"{PARAMS_FILE}: no run named {run!r}; runs: {', '.join(runs)}")

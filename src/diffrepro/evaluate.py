@@ -67,8 +67,8 @@ def evaluate_stage(params: dict, run: str) -> None:
     net = FeatureNet.load(params)
     with np.load(sample_dir / "final.npz") as npz:
         images, labels, supers = npz["images"], npz["labels"], npz["super_labels"]
-    metrics = {"run": run, "paper": cfg["paper"], "role": cfg["role"], "compare": cfg["compare"],
-               "model": cfg["model"], "method": cfg["method"], "assignment": cfg["assignment"]}
+    metrics = {"run": run, "model": cfg["model"], "method": cfg["method"], "assignment": cfg["assignment"],
+               "init_from": cfg["init_from"], "split": cfg["split"]}
     scores, features = score_samples(net, images, labels, supers, reference, classes)
     metrics.update(scores)
     if cfg["split"] != "base":

@@ -37,7 +37,7 @@ NUM_TIMESTEPS = 1000
 
 
 def _config_hash(params: dict, run: str) -> str:
-    relevant = {"seed": params["seed"], "run": params["runs"][run]}
+    relevant = {"seed": params["seed"], "run": run_params(params, run)}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
