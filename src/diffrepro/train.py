@@ -170,7 +170,7 @@ class Trainer:
         self.opt.step()
         update_ema(self.ema, self.acc.unwrap_model(self.model), self.ema_decay_at(step))
         self.images_seen += images
-        return loss.item()
+        return self.acc.gather(loss.detach()[None]).mean().item()  # the global batch's mean loss
 
     # --- checkpoints -------------------------------------------------------------------------
     def state(self, step: int) -> dict:
