@@ -70,3 +70,17 @@ def test_inception_loads_from_a_local_file_through_pytorch_fid(tmp_path):
 def test_missing_inception_weights_name_the_file_and_the_url(tmp_path):
     with pytest.raises(UserError, match="pt_inception-2015-12-05-6726825d.pth"):
         load_inception(str(tmp_path / "missing.pth"))
+
+
+def test_streamed_split_statistics_equal_the_in_memory_ones(tmp_path):
+    from diffrepro.data import shards
+    from diffrepro.features import FeatureNet, split_statistics
+    from diffrepro.models.judge import Judge
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    shards.write_split(tmp_path / "train", images, np.zeros(50), np.zeros(50), shard_size=16)
+    net = FeatureNet("judge", judge=Judge(4, 2, width=8).eval())
+    mu, sigma = split_statistics(net, tmp_path / "train", chunk=7)
+    ref_mu, ref_sigma = feature_statistics(net(images)["features"])
+    assert np.allclose(mu, ref_mu, atol=1e-6) and np.allclose(sigma, ref_sigma, atol=1e-6)

@@ -36,12 +36,12 @@ def test_second_repro_has_nothing_to_do(smoke_repo):
 def test_deleted_outputs_come_back_from_the_run_cache(smoke_repo):
     import shutil
 
-    before = (smoke_repo / "data" / "prepared" / "train" / "shard-00000.npz").read_bytes()
+    before = (smoke_repo / "data" / "prepared" / "train" / "shard-00000.images.npy").read_bytes()
     shutil.rmtree(smoke_repo / "data" / "prepared")
     shutil.rmtree(smoke_repo / "models" / "autoencoder")
     out = run(smoke_repo, "dvc", "repro").stdout
     assert "Running stage" not in out, out
-    assert (smoke_repo / "data" / "prepared" / "train" / "shard-00000.npz").read_bytes() == before
+    assert (smoke_repo / "data" / "prepared" / "train" / "shard-00000.images.npy").read_bytes() == before
     assert (smoke_repo / "models" / "autoencoder" / "config.json").exists()
 
 

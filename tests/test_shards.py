@@ -15,8 +15,8 @@ def _arrays(n=10, size=4):
 def test_round_trip_across_several_shards(tmp_path):
     images, labels, supers = _arrays(10)
     shards.write_split(tmp_path / "train", images, labels, supers, shard_size=4)
-    assert sorted(p.name for p in (tmp_path / "train").glob("*.npz")) == [
-        "shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]
+    assert sorted(p.name for p in (tmp_path / "train").glob("*.images.npy")) == [
+        "shard-00000.images.npy", "shard-00001.images.npy", "shard-00002.images.npy"]
     back = shards.read_split(tmp_path / "train")
     assert np.array_equal(back["images"], images)
     assert np.array_equal(back["labels"], labels) and np.array_equal(back["super_labels"], supers)
@@ -25,9 +25,9 @@ def test_round_trip_across_several_shards(tmp_path):
 
 def test_truncated_shard_is_named_in_the_error(tmp_path):
     shards.write_split(tmp_path / "train", *_arrays(10), shard_size=4)
-    shard = tmp_path / "train" / "shard-00001.npz"
+    shard = tmp_path / "train" / "shard-00001.images.npy"
     shard.write_bytes(shard.read_bytes()[:200])
-    with pytest.raises(UserError, match="shard-00001.npz is truncated or corrupt"):
+    with pytest.raises(UserError, match="shard-00001.images.npy is truncated or corrupt"):
         shards.read_split(tmp_path / "train")
 
 

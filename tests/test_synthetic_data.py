@@ -31,9 +31,9 @@ def test_same_seed_same_bytes_and_other_seed_other_bytes(size, tmp_path):
     prepare_synthetic(7, size, CFG, tmp_path / "b")
     prepare_synthetic(8, size, CFG, tmp_path / "c")
     for split in ("train", "heldout", "train_small", "base"):
-        a = (tmp_path / "a" / split / "shard-00000.npz").read_bytes()
-        assert a == (tmp_path / "b" / split / "shard-00000.npz").read_bytes()
-        assert a != (tmp_path / "c" / split / "shard-00000.npz").read_bytes()
+        a = (tmp_path / "a" / split / "shard-00000.images.npy").read_bytes()
+        assert a == (tmp_path / "b" / split / "shard-00000.images.npy").read_bytes()
+        assert a != (tmp_path / "c" / split / "shard-00000.images.npy").read_bytes()
     train = shards.read_split(tmp_path / "a" / "train")
     assert train["images"].shape == (64 * 3, size, size, 3) and train["images"].dtype == np.uint8
     assert len(shards.read_split(tmp_path / "a" / "heldout")["labels"]) == 64 * 2

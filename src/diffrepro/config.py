@@ -57,6 +57,7 @@ SCHEMA: dict[str, Any] = {
         "raw_dir": str,
         "prepared_dir": str,
         "skip_corrupt": bool,
+        "heldout_split": str,    # held-out split of the prepared data (synthetic: heldout; iNat/ImageNet: val)
         "synthetic": {"num_super": int, "base_per_family": int, "images_per_class": int,
                       "heldout_per_class": int, "base_images_per_class": int,
                       "small_subset_per_class": int},

@@ -22,7 +22,7 @@ from diffrepro.config import run_params
 from diffrepro.data import shards
 from diffrepro.data.synthetic import hue_error, object_hue
 from diffrepro.errors import UserError
-from diffrepro.features import FeatureNet, feature_statistics, frechet_distance
+from diffrepro.features import FeatureNet, feature_statistics, frechet_distance, heldout_sample
 from diffrepro.models.info import count_gmacs
 
 FEATURES_DIR = Path("models/features")
@@ -72,7 +72,7 @@ def evaluate_stage(params: dict, run: str) -> None:
     scores, features = score_samples(net, images, labels, supers, reference, classes)
     metrics.update(scores)
     if cfg["split"] != "base":
-        heldout = shards.read_split(prepared / "heldout")
+        heldout = heldout_sample(prepared / params["data"]["heldout_split"], params["seed"])
         real_spread = within_class_spread(net(heldout["images"])["features"], heldout["labels"],
                                           params["evaluate"]["diversity_pairs"], params["seed"])
         spread = within_class_spread(features, labels, params["evaluate"]["diversity_pairs"], params["seed"])

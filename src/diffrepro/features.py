@@ -39,6 +39,21 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+def split_statistics(net: "FeatureNet", split_dir: Path, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, Σ) of a whole split's features, streamed chunk by chunk (float64 running sums), so a
+    paper-scale reference set never has to fit in memory."""
+    split = shards.ShardedSplit(split_dir)
+    n, total, outer = 0, None, None
+    for start in range(0, len(split), chunk):
+        f = net(split.take(np.arange(start, min(start + chunk, len(split))))["images"])["features"]
+        f = f.astype(np.float64)
+        total = f.sum(0) if total is None else total + f.sum(0)
+        outer = f.T @ f if outer is None else outer + f.T @ f
+        n += len(f)
+    mu = total / n
+    return mu, (outer - n * np.outer(mu, mu)) / (n - 1)
+
+
 def frechet_distance(stats_a, stats_b) -> float:
     """FID between two (μ, Σ) pairs, by pytorch-fid's `calculate_frechet_distance`."""
     return float(calculate_frechet_distance(stats_a[0], stats_a[1], stats_b[0], stats_b[1]))
@@ -119,6 +134,14 @@ def train_judge(images: np.ndarray, labels: np.ndarray, super_labels: np.ndarray
     return judge.eval()
 
 
+def heldout_sample(split_dir: Path, seed: int, limit: int = 10_000) -> dict[str, np.ndarray]:
+    """The held-out split, or a seeded random subset of `limit` records of a large one."""
+    split = shards.ShardedSplit(split_dir)
+    if len(split) <= limit:
+        return split.take(np.arange(len(split)))
+    return split.take(np.sort(np.random.default_rng(seed).choice(len(split), limit, replace=False)))
+
+
 @torch.no_grad()
 def reconstruct(vae, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Autoencoder round trip (posterior mean) of uint8 images."""
@@ -132,11 +155,11 @@ def reconstruct(vae, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
 def features_stage(params: dict) -> None:
     cfg, prepared = params["features"], Path(params["data"]["prepared_dir"])
     classes = shards.read_classes(prepared)
-    train = shards.read_split(prepared / "train")
     metrics: dict = {"kind": cfg["kind"]}
     with atomic_path(OUT_DIR, is_dir=True) as tmp:
         if cfg["kind"] == "judge":
             start = time.perf_counter()
+            train = shards.read_split(prepared / "train")
             judge = train_judge(train["images"], train["labels"], train["super_labels"],
                                 len(classes["classes"]), len(classes["super_classes"]), cfg, params["seed"])
             metrics["train_seconds"] = round(time.perf_counter() - start, 1)
@@ -147,11 +170,12 @@ def features_stage(params: dict) -> None:
             net = FeatureNet("inception", inception=load_inception(cfg["inception_weights"]))
         else:
             raise UserError(f"params.yaml: features.kind must be judge or inception, got {cfg['kind']!r}")
-        reference = feature_statistics(net(train["images"])["features"])
+        reference = split_statistics(net, prepared / "train")
         np.savez(tmp / "reference_stats.npz", mu=reference[0], sigma=reference[1])
-        heldout = shards.read_split(prepared / "heldout")
+        heldout = heldout_sample(prepared / params["data"]["heldout_split"], params["seed"])
         held = net(heldout["images"])
         metrics["fid_heldout_vs_train"] = frechet_distance(feature_statistics(held["features"]), reference)
+        metrics["heldout_images_scored"] = int(len(heldout["labels"]))
         if net.kind == "judge":
             metrics["heldout_fine_accuracy"] = float((held["fine_pred"] == heldout["labels"]).mean())
             metrics["heldout_super_accuracy"] = float((held["super_pred"] == heldout["super_labels"]).mean())

@@ -33,40 +33,40 @@ def encode_moments(vae, images_uint8: np.ndarray, batch_size: int) -> np.ndarray
     return np.concatenate(out)
 
 
-def extract_latents_stage(params: dict, splits=("train", "heldout", "train_small", "base")) -> None:
+def extract_latents_stage(params: dict) -> None:
+    """Every split of the prepared data (whatever the data set calls them) gets its latents."""
     prepared = Path(params["data"]["prepared_dir"])
+    splits = sorted(p.name for p in prepared.iterdir() if (p / "index.json").exists())
     vae = load_autoencoder("models/autoencoder")
     batch_size = params["latents"]["batch_size"]
     with atomic_path(OUT_DIR, is_dir=True) as tmp:
         for split in splits:
-            if not (prepared / split).exists():
-                continue
-            data = shards.read_split(prepared / split)
+            source = shards.ShardedSplit(prepared / split)
             with shards.ShardWriter(tmp / split) as writer:
                 writer.set_meta(scaling_factor=vae.config.scaling_factor)
-                for i in range(0, len(data["labels"]), 4096):
-                    sl = slice(i, i + 4096)
-                    writer.add_batch(moments=encode_moments(vae, data["images"][sl], batch_size),
-                                     labels=data["labels"][sl], super_labels=data["super_labels"][sl])
+                for start in range(0, len(source), 4096):
+                    part = source.take(np.arange(start, min(start + 4096, len(source))))
+                    writer.add_batch(moments=encode_moments(vae, part["images"], batch_size),
+                                     labels=part["labels"], super_labels=part["super_labels"])
 
 
 class LatentSet:
-    """In-memory latent moments of one split; `sample_batch` draws fresh, scaled latents."""
+    """Latent moments of one split (memory-mapped); `sample_batch` draws fresh, scaled latents."""
 
     def __init__(self, split_dir: str | Path):
-        data = shards.read_split(split_dir)
-        self.moments = torch.from_numpy(data["moments"])
-        self.labels = torch.from_numpy(data["labels"])
-        self.super_labels = torch.from_numpy(data["super_labels"])
-        self.scaling_factor = shards.read_index(split_dir)["scaling_factor"]
+        self.split = shards.ShardedSplit(split_dir)
+        self.labels = torch.from_numpy(self.split.column("labels"))
+        self.super_labels = torch.from_numpy(self.split.column("super_labels"))
+        self.scaling_factor = self.split.meta["scaling_factor"]
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def sample_batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Latents for records `index`: random flip view, posterior sample, × scaling_factor."""
+        moments = torch.from_numpy(self.split.take(index.numpy())["moments"])
         flip = torch.randint(0, 2, (len(index),), generator=generator)
-        moments = self.moments[index, flip]
+        moments = moments[torch.arange(len(index)), flip]
         mean, logvar = moments.chunk(2, dim=1)
         eps = torch.randn(mean.shape, generator=generator)
         return (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * eps) * self.scaling_factor

@@ -24,19 +24,18 @@ DIFFUSIONS = ("gaussian", "edm")
 
 
 class ImageSet:
-    """In-memory pixel training set; `sample_batch` applies a random horizontal flip."""
+    """Pixel training set (memory-mapped uint8); `sample_batch` applies a random horizontal flip."""
 
     def __init__(self, split_dir: str | Path):
-        data = shards.read_split(split_dir)
-        self.images = to_unit_range(data["images"])
-        self.labels = torch.from_numpy(data["labels"])
-        self.super_labels = torch.from_numpy(data["super_labels"])
+        self.split = shards.ShardedSplit(split_dir)
+        self.labels = torch.from_numpy(self.split.column("labels"))
+        self.super_labels = torch.from_numpy(self.split.column("super_labels"))
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def sample_batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x = self.images[index]
+        x = to_unit_range(self.split.take(index.numpy())["images"])
         flip = torch.rand(len(index), generator=generator) < 0.5
         return torch.where(flip[:, None, None, None], x.flip(-1), x)
 

@@ -2,7 +2,9 @@
 
 Every image's starting noise comes from its own generator seeded by (sample seed, image index),
 so any subset can be regenerated and a killed stage resumes chunk by chunk (finished chunks are
-kept in `checkpoints/<run>/samples/`) without duplicating or dropping an image.
+kept in `checkpoints/<run>/samples/`) without duplicating or dropping an image. Under
+`accelerate launch` the chunks are dealt round-robin to any number of processes; the main process
+assembles them in image order, so the result does not depend on the process count.
 Writes `samples/<run>/final.npz` (images, labels, super_labels), one npz per training snapshot
 (`step-XXXXXXX.npz`, for quality vs steps) and a labelled grid `samples/<run>/grid.png`.
 """
@@ -41,8 +43,10 @@ def sample_labels(prepared_dir: str, split: str, per_class: int) -> tuple[np.nda
 class RunSampler:
     """Turns (labels, image indices) into images for one run's network and sampler params."""
 
-    def __init__(self, model: torch.nn.Module, config: dict, cfg: dict, seed: int, vae=None):
-        self.model, self.config, self.cfg, self.seed, self.vae = model, config, cfg, seed, vae
+    def __init__(self, model: torch.nn.Module, config: dict, cfg: dict, seed: int, vae=None, device="cpu"):
+        self.device = torch.device(device)
+        self.model, self.config, self.cfg, self.seed = model.to(self.device), config, cfg, seed
+        self.vae = vae.to(self.device) if vae is not None else None
         self.method = get_method(config["method"], **config["method_kwargs"])
         if config["diffusion"] == "gaussian":
             from diffrepro.diffusion.gaussian import GaussianDiffusion, make_betas
@@ -58,14 +62,15 @@ class RunSampler:
     def __call__(self, labels: np.ndarray, supers: np.ndarray, indices: np.ndarray) -> np.ndarray:
         kw = self.config["model_kwargs"]
         shape = (kw["in_channels"], kw["input_size"], kw["input_size"])
-        x_T = self.noise(indices, shape)
-        y, s = torch.from_numpy(labels), torch.from_numpy(supers)
+        x_T = self.noise(indices, shape).to(self.device)
+        y, s = torch.from_numpy(labels).to(self.device), torch.from_numpy(supers).to(self.device)
         guide = self.method.guidance_labels(y, s, self.model)
         scale = self.cfg["guidance_scale"]
         if self.config["diffusion"] == "edm":
             from diffrepro.diffusion.edm import edm_sample, make_denoiser_fn
 
-            extra = self.method.sampling_kwargs(len(y), kw["input_size"]) if hasattr(self.method, "sampling_kwargs") else {}
+            extra = (self.method.sampling_kwargs(len(y), kw["input_size"], self.device)
+                     if hasattr(self.method, "sampling_kwargs") else {})
             fn = make_denoiser_fn(self.model, y, scale, guide, **extra)
             x0 = edm_sample(fn, x_T.shape, steps=self.cfg["sample_steps"], noise=x_T)
         else:
@@ -79,22 +84,30 @@ class RunSampler:
         return to_uint8(x0)
 
 
-def sample_set(sampler: RunSampler, labels, supers, batch_size: int, chunk_dir: Path, desc: str) -> np.ndarray:
-    """All images of (labels, supers) in chunks of `batch_size`, resuming from finished chunks."""
+def sample_set(sampler: RunSampler, labels, supers, batch_size: int, chunk_dir: Path, desc: str,
+               accelerator=None) -> np.ndarray | None:
+    """All images of (labels, supers) in chunks of `batch_size`, resuming from finished chunks.
+
+    With an accelerator, process k makes chunks k, k + N, k + 2N, ...; the main process returns
+    the assembled set (other processes return None).
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     chunk_dir.mkdir(parents=True, exist_ok=True)
-    parts = []
-    for start in tqdm(range(0, len(labels), batch_size), desc=desc, mininterval=10):
+    starts = list(range(0, len(labels), batch_size))
+    for start in tqdm(starts[rank::world], desc=desc, mininterval=10, disable=rank != 0):
         chunk = chunk_dir / f"chunk-{start:07d}.npy"
         if chunk.exists():
-            parts.append(np.load(chunk))
             continue
         idx = np.arange(start, min(start + batch_size, len(labels)))
         images = sampler(labels[idx], supers[idx], idx)
         with atomic_path(chunk) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, images)
-        parts.append(images)
-    return np.concatenate(parts)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if rank != 0:
+        return None
+    return np.concatenate([np.load(chunk_dir / f"chunk-{start:07d}.npy") for start in starts])
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, per_row: int, path: Path, title: str) -> None:
@@ -121,7 +134,10 @@ def save_grid(images: np.ndarray, labels: np.ndarray, per_row: int, path: Path, 
 
 
 def sample_stage(params: dict, run: str) -> None:
+    from accelerate import Accelerator
+
     cfg, scfg = run_params(params, run), params["sample"]
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     seed = params["seed"] + cfg["seed"]
     run_dir = Path("models") / run
     model, config = load_trained(run_dir)
@@ -132,17 +148,22 @@ def sample_stage(params: dict, run: str) -> None:
         raise UserError(f"{run_dir} was trained on {config['model_kwargs']['num_classes']} classes but the "
                         f"prepared data has {num_classes}: re-run `dvc repro train@{run}`")
     work = Path("checkpoints") / run / "samples"
+    sets = [(snap.stem, snap) for snap in sorted((run_dir / "snapshots").glob("step-*.safetensors"))]
+    results = {}
+    for name, snap in sets + [("final", None)]:  # snapshots first: quality vs training steps
+        net = model
+        if snap is not None:
+            net, _ = load_trained(run_dir)
+            net.load_state_dict(_full_state(net, load_file(str(snap))))
+        sampler = RunSampler(net, config, cfg, seed, vae, accelerator.device)
+        results[name] = sample_set(sampler, labels, supers, scfg["batch_size"], work / name,
+                                   f"sample {run} {name}", accelerator)
+    if not accelerator.is_main_process:
+        return
     with atomic_path(Path("samples") / run, is_dir=True) as tmp:
-        snapshots = sorted((run_dir / "snapshots").glob("step-*.safetensors"))
-        for snap in snapshots:  # quality vs training steps
-            snap_model, _ = load_trained(run_dir)
-            snap_model.load_state_dict(_full_state(snap_model, load_file(str(snap))))
-            images = sample_set(RunSampler(snap_model, config, cfg, seed, vae), labels, supers,
-                                scfg["batch_size"], work / snap.stem, f"sample {run} {snap.stem}")
-            np.savez(tmp / f"{snap.stem}.npz", images=images, labels=labels, super_labels=supers)
-        images = sample_set(RunSampler(model, config, cfg, seed, vae), labels, supers, scfg["batch_size"],
-                            work / "final", f"sample {run}")
-        np.savez(tmp / "final.npz", images=images, labels=labels, super_labels=supers)
+        for name, images in results.items():
+            np.savez(tmp / f"{name}.npz", images=images, labels=labels, super_labels=supers)
+        images = results["final"]
         shown = labels < scfg["grid_classes"]
         save_grid(images[shown], labels[shown], min(8, scfg["per_class"]), tmp / "grid.png",
                   f"{run}: {config['model']} {config['method']}, {cfg['sampler']} {cfg['sample_steps']} steps, "

@@ -42,17 +42,25 @@ def _config_hash(params: dict, run: str) -> str:
 
 
 def _load_init(model: torch.nn.Module, cfg: dict) -> str | None:
-    """Fine-tuning: load the base run's EMA weights (class table discarded). Returns the base dir."""
-    init_dir = Path(cfg["init_from"])
-    weights = init_dir / "ema.safetensors"
-    if not (init_dir / "config.json").exists():
-        return None  # `init_from` is the data folder: training from scratch
-    if not weights.exists():
-        raise UserError(f"{weights} is missing: run `dvc repro` for the base run {init_dir.name}")
-    from diffrepro.methods.finediffusion import load_base_state
+    """Weights a run starts from; returns the base run folder a PEFT delta will refer to.
 
+    `init_from` is a trained run folder (fine-tuning: its EMA weights, class table discarded), an
+    official DiT checkpoint file (`*.pt`: the paper-scale `pretrain` adopts it), or the data
+    folder the run trains on (from scratch).
+    """
+    from diffrepro.methods.finediffusion import load_base_state, load_official_dit
+
+    init = Path(cfg["init_from"])
+    if init.suffix == ".pt":
+        load_official_dit(model, init)
+        return None
+    if not (init / "config.json").exists():
+        return None
+    weights = init / "ema.safetensors"
+    if not weights.exists():
+        raise UserError(f"{weights} is missing: run `dvc repro` for the base run {init.name}")
     load_base_state(model, load_file(str(weights)), str(weights))
-    return str(init_dir)
+    return str(init)
 
 
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:

@@ -40,7 +40,7 @@ def autoencoder_stage(params: dict) -> None:
         raise UserError(f"params.yaml: autoencoder.kind must be tiny or sd_vae, got {cfg['kind']!r}")
     prepared = Path(data["prepared_dir"])
     train = to_unit_range(shards.read_split(prepared / "train")["images"])
-    heldout = to_unit_range(shards.read_split(prepared / "heldout")["images"])
+    heldout = to_unit_range(shards.read_split(prepared / params["data"]["heldout_split"])["images"])
     vae, seconds = train_tiny(train, cfg, params["seed"], data["image_size"])
     with torch.no_grad():
         _, mse = kl_autoencoder_loss(vae.eval(), heldout, 0.0)

@@ -2,18 +2,20 @@
 
 Layout of a prepared folder::
 
-    classes.json                  {"classes": [{"name", "super"}...], "super_classes": [...], ...}
-    <split>/index.json            {"num_records", "arrays", "image_size", "shards": [{"file", "count"}...]}
-    <split>/shard-00000.npz       images uint8 (N,H,W,3), labels int64 (N,), super_labels int64 (N,)
+    classes.json                    {"classes": [{"name", "super"}...], "super_classes": [...], ...}
+    <split>/index.json              {"num_records", "arrays", "image_size", "shards": [{"files", "count"}...]}
+    <split>/shard-00000.images.npy  uint8 (N,H,W,3)   (latents: `moments` float32 (N,2,2C,h,w))
+    <split>/shard-00000.labels.npy  int64 (N,)
+    <split>/shard-00000.super_labels.npy
 
-Few large files keep DVC and file systems fast (DESIGN.md); `index.json` lets a reader detect a
-truncated or missing shard before any work starts.
+Few large files keep DVC and file systems fast (DESIGN.md); plain `.npy` files are memory-mapped,
+so a paper-scale split (iNat's 500k images, ImageNet's latents) is read lazily, batch by batch,
+and `index.json` lets a reader detect a truncated or missing shard before any work starts.
 """
 
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -66,10 +68,12 @@ class ShardWriter:
 
     def _flush(self, count: int) -> None:
         merged = {k: np.concatenate(v) for k, v in self._pending.items()}
-        name = f"shard-{len(self._shards):05d}.npz"
-        with open(self._tmp / name, "wb") as f:
-            np.savez(f, **{k: v[:count] for k, v in merged.items()})
-        self._shards.append({"file": name, "count": count})
+        stem = f"shard-{len(self._shards):05d}"
+        files = {}
+        for name, array in merged.items():
+            files[name] = f"{stem}.{name}.npy"
+            np.save(self._tmp / files[name], np.ascontiguousarray(array[:count]))
+        self._shards.append({"files": files, "count": count})
         self._pending = {k: [v[count:]] for k, v in merged.items()}
         self._pending_count -= count
 
@@ -106,25 +110,55 @@ def read_index(split_dir: str | Path) -> dict:
     return json.loads(index_file.read_text())
 
 
+class ShardedSplit:
+    """A split's arrays, memory-mapped shard by shard; `take(index)` gathers records lazily."""
+
+    def __init__(self, split_dir: str | Path):
+        self.split_dir = Path(split_dir)
+        index = read_index(self.split_dir)
+        self.meta = index
+        self.names = list(index["arrays"])
+        self.shards: list[dict[str, np.ndarray]] = []
+        for shard in index["shards"]:
+            arrays = {}
+            for name in self.names:
+                path = self.split_dir / shard["files"][name]
+                try:
+                    arrays[name] = np.load(path, mmap_mode="r")
+                except (OSError, ValueError, EOFError) as err:
+                    raise UserError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}); delete it "
+                                    "and run `dvc checkout` or `dvc repro` to restore it") from None
+                if len(arrays[name]) != shard["count"]:
+                    raise UserError(f"{path} holds {len(arrays[name])} records but index.json says "
+                                    f"{shard['count']}; re-run `dvc repro prepare`")
+            self.shards.append(arrays)
+        self.offsets = np.cumsum([0] + [s["count"] for s in index["shards"]])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def take(self, index) -> dict[str, np.ndarray]:
+        """Records at global positions `index` (any order, repeats allowed), as in-memory arrays."""
+        index = np.asarray(index, dtype=np.int64)
+        shard_of = np.searchsorted(self.offsets, index, side="right") - 1
+        out = {name: np.empty((len(index), *self.shards[0][name].shape[1:]), self.shards[0][name].dtype)
+               for name in self.names}
+        for k in np.unique(shard_of):
+            rows = np.nonzero(shard_of == k)[0]
+            local = index[rows] - self.offsets[k]
+            for name in self.names:
+                out[name][rows] = self.shards[k][name][local]
+        return out
+
+    def column(self, name: str) -> np.ndarray:
+        """One whole array (e.g. all labels) in memory."""
+        return np.concatenate([shard[name] for shard in self.shards])
+
+
 def read_split(split_dir: str | Path) -> dict[str, np.ndarray]:
-    """Load a split into memory (all its arrays); one clear error when a shard is damaged."""
-    split_dir = Path(split_dir)
-    index = read_index(split_dir)
-    parts: dict[str, list] = {name: [] for name in index["arrays"]}
-    for shard in index["shards"]:
-        path = split_dir / shard["file"]
-        try:
-            with np.load(path) as npz:
-                arrays = {k: npz[k] for k in parts}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise UserError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}); delete it "
-                            "and run `dvc checkout` or `dvc repro` to restore it") from None
-        if any(len(a) != shard["count"] for a in arrays.values()):
-            raise UserError(f"{path} holds {len(next(iter(arrays.values())))} records but index.json says "
-                            f"{shard['count']}; re-run `dvc repro prepare`")
-        for k in parts:
-            parts[k].append(arrays[k])
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    """Load a whole split into memory (all its arrays); one clear error when a shard is damaged."""
+    split = ShardedSplit(split_dir)
+    return {name: split.column(name) for name in split.names}
 
 
 def write_classes(prepared_dir: str | Path, classes: dict) -> None:
