@@ -23,6 +23,8 @@ def main(input_path: str, out_dir: str) -> None:
     noise = NoiseAssigner("lsa_global").assign(batch["x0"][rows], batch["noise"][rows], accelerator)
     torch.save({"noise": noise, "num_processes": accelerator.num_processes},
                Path(out_dir) / f"rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroy the gloo group: exiting with it alive can abort (SIGABRT)
 
 
 if __name__ == "__main__":

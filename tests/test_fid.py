@@ -7,6 +7,7 @@ import torch
 
 from diffrepro.errors import UserError
 from diffrepro.features import feature_statistics, frechet_distance, load_inception
+from random_weights import random_fid_inception_state
 
 
 def _direct_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -38,25 +39,8 @@ def test_fid_of_two_gaussians_matches_the_closed_form():
     assert frechet_distance(feature_statistics(a), feature_statistics(b)) == pytest.approx(1.0 + d, rel=0.02)
 
 
-def _random_fid_inception_state() -> dict:
-    """Random weights in the real FID Inception layout (pytorch-fid's fid_inception_v3 structure)."""
-    from pytorch_fid import inception as fi
-
-    net = fi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    for name, block in [("Mixed_5b", fi.FIDInceptionA(192, pool_features=32)),
-                        ("Mixed_5c", fi.FIDInceptionA(256, pool_features=64)),
-                        ("Mixed_5d", fi.FIDInceptionA(288, pool_features=64)),
-                        ("Mixed_6b", fi.FIDInceptionC(768, channels_7x7=128)),
-                        ("Mixed_6c", fi.FIDInceptionC(768, channels_7x7=160)),
-                        ("Mixed_6d", fi.FIDInceptionC(768, channels_7x7=160)),
-                        ("Mixed_6e", fi.FIDInceptionC(768, channels_7x7=192)),
-                        ("Mixed_7b", fi.FIDInceptionE_1(1280)), ("Mixed_7c", fi.FIDInceptionE_2(2048))]:
-        setattr(net, name, block)
-    return net.state_dict()
-
-
 def test_inception_loads_from_a_local_file_through_pytorch_fid(tmp_path):
-    state = _random_fid_inception_state()
+    state = random_fid_inception_state()
     weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(state, weights)
     loaded = load_inception(str(weights))

@@ -76,8 +76,9 @@ SCHEMA: dict[str, Any] = {
     "report": {"title": str},
 }
 
-POSITIVE_INTS = {"image_size", "images_per_class", "heldout_per_class", "steps", "batch_size",
+POSITIVE_INTS = {"image_size", "images_per_class", "heldout_per_class", "batch_size",
                  "num_super", "per_class", "sample_steps"}
+NON_NEGATIVE_INTS = {"steps", "warmup_steps"}  # steps 0: adopt `init_from` as is (official weights)
 
 
 def _type_name(t) -> str:
@@ -113,6 +114,8 @@ def _check(value: Any, schema: Any, where: str, source: str) -> None:
     leaf = where.rsplit(".", 1)[-1]
     if leaf in POSITIVE_INTS and isinstance(value, int) and value <= 0:
         raise UserError(f"{source}: `{where}` must be a positive integer, got {value}")
+    if leaf in NON_NEGATIVE_INTS and isinstance(value, int) and value < 0:
+        raise UserError(f"{source}: `{where}` must be a non-negative integer, got {value}")
 
 
 def validate(params: dict, source: str = PARAMS_FILE) -> dict:

@@ -60,10 +60,15 @@ def class_counts(prepared_dir: str | Path, split: str) -> tuple[int, int]:
     return len(table), len(classes["super_classes"])
 
 
-def model_config(cfg: dict, method, data_shape: tuple[int, ...], num_classes: int) -> dict:
-    """The constructor kwargs of the run's network: data shape + method needs + explicit params."""
+def model_config(cfg: dict, method, data_shape: tuple[int, ...], num_classes: int, num_super: int) -> dict:
+    """The constructor kwargs of the run's network: data shape + method needs + explicit params.
+
+    A method with a tiered class table (FineDiffusion) gets one row per superclass of the data.
+    """
     channels, size = data_shape[0], data_shape[-1]
     kwargs = {"input_size": size, "in_channels": channels, "num_classes": num_classes}
+    if method.tiered_classes:
+        kwargs["num_super_classes"] = num_super
     extra = getattr(method, "coordinate_channels", 0)
     if extra:
         kwargs["extra_in_channels"] = extra

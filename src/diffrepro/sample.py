@@ -158,6 +158,7 @@ def sample_stage(params: dict, run: str) -> None:
         sampler = RunSampler(net, config, cfg, seed, vae, accelerator.device)
         results[name] = sample_set(sampler, labels, supers, scfg["batch_size"], work / name,
                                    f"sample {run} {name}", accelerator)
+    accelerator.end_training()
     if not accelerator.is_main_process:
         return
     with atomic_path(Path("samples") / run, is_dir=True) as tmp:

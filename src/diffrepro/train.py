@@ -81,8 +81,8 @@ class Trainer:
         self.data = training_set(cfg)
         probe = self.data.sample_batch(torch.zeros(1, dtype=torch.long), torch.Generator().manual_seed(0))
         self.data_shape = tuple(probe.shape[1:])
-        num_classes, _ = class_counts(params["data"]["prepared_dir"], cfg["split"])
-        self.model_kwargs = model_config(cfg, self.method, self.data_shape, num_classes)
+        num_classes, num_super = class_counts(params["data"]["prepared_dir"], cfg["split"])
+        self.model_kwargs = model_config(cfg, self.method, self.data_shape, num_classes, num_super)
         torch.manual_seed(self.seed)
         self.model = build_network(cfg["model"], self.model_kwargs, cfg["diffusion"])
         self.base_dir = _load_init(self.model.net if cfg["diffusion"] == "edm" else self.model, cfg)
@@ -259,6 +259,7 @@ def train_stage(params: dict, run: str) -> None:
             with atomic_path(ckpt_dir / "last.pt") as tmp:
                 torch.save(trainer.state(step + 1), tmp)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # close the process group cleanly (gloo can abort at exit otherwise)
     if not accelerator.is_main_process:
         return
     if live is not None:

@@ -37,6 +37,7 @@ class Method:
     name = "dit"
     model_overrides: dict = {}  # constructor kwargs the method needs (e.g. affine LayerNorms)
     peft = False  # parameter-efficient: a fine-tuned run stores only its trained tensors
+    tiered_classes = False  # class table holds the superclass rows too (built from the data)
 
     def __init__(self, class_dropout: float = 0.1, **unused):
         self.class_dropout = class_dropout

@@ -44,6 +44,7 @@ class FineDiffusion(Method):
     """Tiered class table + biases + affine norms; dropout and guidance to the superclass row."""
 
     peft = True
+    tiered_classes = True
 
     model_overrides = {"affine_norms": True}
 
