@@ -54,6 +54,15 @@ def _params(args) -> None:
     write_params(args.profile, args.output)
 
 
+def _adm_npz(args) -> None:
+    from pathlib import Path
+
+    from diffrepro.adm_npz import default_path, write_adm_npz
+
+    out = Path(args.out) if args.out else default_path(args.run)
+    print(write_adm_npz(Path("samples") / args.run / "final.npz", out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m diffrepro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     compose.add_argument("--profile", default="default", help="a file name in conf/profile/ (no .yaml)")
     compose.add_argument("--output", default="params.yaml")
     compose.set_defaults(func=_params)
+    adm = sub.add_parser("adm-npz", help="pack samples/RUN/final.npz as the ADM evaluator's arr_0 .npz")
+    adm.add_argument("run", help="a run name whose sample stage has finished")
+    adm.add_argument("--out", default=None,
+                     help="output .npz (default: checkpoints/RUN_adm_samples.npz, git-ignored)")
+    adm.set_defaults(func=_adm_npz)
     return parser
 
 
