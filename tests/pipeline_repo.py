@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("src", "conf", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config")
+COPIED = ("src", "conf", "notebooks", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config")
 
 
 def make_repo(path: Path) -> Path:

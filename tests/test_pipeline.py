@@ -7,7 +7,7 @@ import pytest
 from pipeline_repo import make_repo, run
 
 STAGES = ("download", "prepare", "autoencoder", "extract_latents", "features", "pretrain", "train@dit", "train@finediffusion", "sample@dit",
-          "evaluate@dit", "report")
+          "evaluate@dit", "figures", "report")
 
 
 @pytest.fixture(scope="module")

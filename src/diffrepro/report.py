@@ -91,6 +91,12 @@ CLAIMS = (
     Claim("immiscible", "Immiscible beats vanilla when fine-tuning (FID)", "fid", "immiscible_ft", "vanilla_ft"),
 )
 
+FIGURES_OF = {  # notebook figures (stage `figures`, reports/plots/) shown under each paper's table
+    "finediffusion": (("FineDiffusion: fine-class accuracy per superclass", "finediffusion_superclass_accuracy"),
+                      ("Speed-ups vs the papers' 1.56× (FineDiffusion) and ≈2× (Patch Diffusion)", "speedups")),
+    "immiscible": (("Immiscible Diffusion: FID and fine accuracy vs training steps", "immiscible_quality_vs_steps"),),
+}
+
 TITLES = {"fid": "FID", "fine_accuracy": "fine acc", "super_accuracy": "super acc",
           "hue_error_deg": "hue err °", "diversity": "diversity", "trainable_percent": "trainable %",
           "checkpoint_mb": "ckpt MB", "speedup": "speed-up", "params": "params", "gmacs": "GMACs",
@@ -226,7 +232,9 @@ def report_stage(params: dict) -> None:
              "(stage `report`) from `metrics/*.json`; do not edit by hand. Each cell: this scale's value "
              "(the paper's value). FID here is measured in the judge's features (see below), so only its "
              "ordering, not its size, compares with the papers'.", "",
-             foundation_section(params["data"]["prepared_dir"]), ""]
+             foundation_section(params["data"]["prepared_dir"]), "",
+             "![Training loss of every run](plots/loss_curves.png)", "",
+             "![Final samples of every run: first classes × samples per class](plots/sample_grids.png)", ""]
     with atomic_path(FIGURES, is_dir=True) as figures:
         for paper, table in TABLES.items():
             if not any(run in metrics for run in table.rows):
@@ -235,6 +243,7 @@ def report_stage(params: dict) -> None:
             claims = claims_table(metrics, paper)
             if claims.count("\n") > 1:
                 lines += [claims, ""]
+            lines += [f"![{alt}](plots/{name}.png)\n" for alt, name in FIGURES_OF.get(paper, ())]
             if paper == "immiscible":
                 lines += ["Quality vs training steps:", "", quality_vs_steps(metrics), ""]
             for run in table.rows:

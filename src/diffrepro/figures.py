@@ -1,0 +1,266 @@
+"""What the notebooks in `notebooks/` (stage `figures`) compute and draw, so each notebook stays a
+few readable lines and its numbers can be tested.
+
+Everything here reads files other stages already wrote — `metrics/<run>.json`,
+`samples/<run>/final.npz`, dvclive's `logs/<run>/plots/metrics/train/loss.tsv` — and skips runs
+that are absent, so a notebook draws whatever subset of runs a profile has. A figure with nothing
+to show still gets a PNG (saying so), because the stage's outputs must always exist.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from diffrepro.atomic import atomic_path
+from diffrepro.config import run_params
+from diffrepro.report import TABLES
+
+matplotlib.use("Agg")  # figures are files, never windows (also inside a Jupyter kernel)
+
+LOSS_TSV = Path("plots/metrics/train/loss.tsv")  # where dvclive puts `train/loss` inside logs/<run>/
+QUALITY_KEYS = ("fid", "fine_accuracy", "super_accuracy", "hue_error_deg")
+IMMISCIBLE_PAIRS = {"from scratch": ("dit", "immiscible"), "fine-tuning": ("vanilla_ft", "immiscible_ft")}
+PEFT_BASELINE, PEFT_RUNS = "full_finetune", ("finediffusion", "bitfit", "difffit")
+# The papers' speed-ups, taken from the report's table of published numbers (not typed twice).
+PAPER_FINEDIFFUSION_SPEEDUP = TABLES["finediffusion"].rows["finediffusion"]["speedup"]
+PAPER_PATCH_HOURS = (TABLES["patch"].rows["edm"]["train_hours"], TABLES["patch"].rows["patch"]["train_hours"])
+PAPER_PATCH_SPEEDUP = PAPER_PATCH_HOURS[0] / PAPER_PATCH_HOURS[1]
+
+
+# ---- reading the pipeline's outputs -------------------------------------------------------------
+
+def select(found, runs: list[str] | None) -> list[str]:
+    """The runs to draw: `runs` in its own order minus the absent ones (None: every run found, sorted)."""
+    found = set(found)
+    return sorted(found) if runs is None else [r for r in runs if r in found]
+
+
+def load_metrics(metrics_dir: str | Path, runs: list[str] | None = None) -> dict[str, dict]:
+    paths = {p.stem: p for p in Path(metrics_dir).glob("*.json")}
+    return {r: json.loads(paths[r].read_text()) for r in select(paths, runs)}
+
+
+def npz_memmap(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz as copy-on-write memory maps where stored uncompressed (as np.savez
+    writes them): a grid of 32 out of a paper-scale run's 50,000 samples (10 GB) reads 32."""
+    out = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        for info in archive.infolist():
+            key = info.filename.removesuffix(".npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                with archive.open(info) as member:
+                    out[key] = np.lib.format.read_array(member)
+                continue
+            raw.seek(info.header_offset + 26)  # local file header: name and extra-field lengths
+            name_len, extra_len = struct.unpack("<HH", raw.read(4))
+            raw.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(raw)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(raw)
+            out[key] = np.memmap(path, dtype, "c", offset=raw.tell(), shape=shape, order="F" if fortran else "C")
+    return out
+
+
+def load_samples(samples_dir: str | Path, runs: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """{run: {images (uint8 NHWC), labels, super_labels}} of each run's final.npz, memory-mapped."""
+    found = [p.parent.name for p in Path(samples_dir).glob("*/final.npz")]
+    return {run: npz_memmap(Path(samples_dir) / run / "final.npz") for run in select(found, runs)}
+
+
+def load_losses(logs_dir: str | Path, runs: list[str] | None = None) -> dict[str, pd.DataFrame]:
+    """{run: frame(step, loss)} from the dvclive log of every run that has one."""
+    found = [p.relative_to(logs_dir).parts[0] for p in Path(logs_dir).glob(f"*/{LOSS_TSV}")]
+    return {r: pd.read_csv(Path(logs_dir) / r / LOSS_TSV, sep="\t")[["step", "loss"]] for r in select(found, runs)}
+
+
+def fine_tuning_runs(params: dict, runs) -> list[str]:
+    """The runs that start from a trained model (`init_from` is not their data folder)."""
+    declared = params.get("runs", {})
+    return [r for r in runs if r in declared and run_params(params, r)["init_from"] != run_params(params, r)["data"]]
+
+
+# ---- what the figures show ----------------------------------------------------------------------
+
+def sample_mosaic(images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int,
+                  gap: int = 1) -> np.ndarray:
+    """One uint8 image: row c holds the first `per_class` samples of class c; white where a class has fewer."""
+    h, w, ch = images.shape[1:]
+    mosaic = np.full((num_classes * (h + gap) - gap, per_class * (w + gap) - gap, ch), 255, np.uint8)
+    for c in range(num_classes):
+        for k, image in enumerate(images[np.flatnonzero(labels == c)[:per_class]]):
+            mosaic[c * (h + gap):c * (h + gap) + h, k * (w + gap):k * (w + gap) + w] = image
+    return mosaic
+
+
+def quality_curve(metrics: dict) -> pd.DataFrame:
+    """FID and accuracies by training step: every scored snapshot, then the final model."""
+    final = {"step": metrics["train"]["steps"], **{k: metrics.get(k) for k in QUALITY_KEYS}}
+    points = [q for q in metrics["quality_vs_steps"] if q["step"] != final["step"]] + [final]
+    frame = pd.DataFrame(points, columns=["step", *QUALITY_KEYS]).sort_values("step", ignore_index=True)
+    return frame.astype({k: float for k in QUALITY_KEYS})
+
+
+def speedups(metrics: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Baseline time / method time (> 1: the method is faster), grouped as the two papers claim them.
+
+    FineDiffusion: seconds per step of full fine-tuning over each PEFT run's. Patch Diffusion:
+    EDM's wall-clock to the image budget over Patch's, and the same per image seen.
+    """
+    out: dict[str, dict[str, float]] = {"finediffusion": {}, "patch": {}}
+    if PEFT_BASELINE in metrics:
+        base = metrics[PEFT_BASELINE]["train"]["step_seconds"]
+        out["finediffusion"] = {r: base / metrics[r]["train"]["step_seconds"] for r in PEFT_RUNS if r in metrics}
+    if "edm" in metrics and "patch" in metrics:
+        edm, patch = metrics["edm"]["train"], metrics["patch"]["train"]
+        out["patch"] = {"wall-clock to the image budget": edm["train_seconds"] / patch["train_seconds"],
+                        "per image": (edm["train_seconds"] / edm["images_seen"])
+                        / (patch["train_seconds"] / patch["images_seen"])}
+    return out
+
+
+def load_judge(params: dict):
+    """The judge CNN of `models/features` (None where the profile's FID network is Inception,
+    which has no class heads to ask)."""
+    if params["features"]["kind"] != "judge":
+        return None
+    from diffrepro.features import FeatureNet
+
+    return FeatureNet.load(params)
+
+
+def superclass_accuracy(fine_pred: np.ndarray, labels: np.ndarray, super_labels: np.ndarray,
+                        num_super: int) -> np.ndarray:
+    """Fine-class accuracy among the samples of each superclass (NaN for one without samples)."""
+    hits = np.bincount(super_labels, weights=(fine_pred == labels).astype(float), minlength=num_super)
+    counts = np.bincount(super_labels, minlength=num_super)
+    return np.divide(hits, counts, out=np.full(num_super, np.nan), where=counts > 0)
+
+
+# ---- drawing ------------------------------------------------------------------------------------
+
+def _nothing(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_sample_grids(samples: dict[str, dict], num_classes: int, per_class: int):
+    """Runs side by side; in each, the first `num_classes` classes (rows) × `per_class` samples."""
+    fig, axes = plt.subplots(1, max(1, len(samples)), figsize=(0.35 * per_class * max(1, len(samples)) + 1.5,
+                                                               0.35 * num_classes + 1.2), squeeze=False)
+    for ax, (run, s) in zip(axes[0], samples.items()):
+        labels = np.asarray(s["labels"])
+        shown = min(num_classes, int(labels.max()) + 1)
+        mosaic = sample_mosaic(s["images"], labels, shown, min(per_class, int(np.bincount(labels).max())))
+        ax.imshow(mosaic, interpolation="nearest")
+        ax.set_title(run, fontsize=9)
+        ax.set_xticks([])
+        row = mosaic.shape[0] / shown
+        ax.set_yticks((np.arange(shown) + 0.5) * row, [str(c) for c in range(shown)], fontsize=6)
+    if not samples:
+        _nothing(axes[0][0], "no samples/<run>/final.npz found")
+    axes[0][0].set_ylabel("class")
+    fig.suptitle("Final samples: first classes × samples per class", fontsize=10)
+    return fig
+
+
+def plot_loss_curves(losses: dict[str, pd.DataFrame]):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run, frame in losses.items():
+        ax.plot(frame["step"], frame["loss"], marker="." if len(frame) < 10 else None, label=run)
+    if not losses:
+        _nothing(ax, "no logs/<run>/plots/metrics/train/loss.tsv found")
+    else:
+        low, high = min(f["loss"].min() for f in losses.values()), max(f["loss"].max() for f in losses.values())
+        if low > 0 and high / low > 10:
+            ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("train loss (mean over the logging interval)")
+        ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Training loss")
+    return fig
+
+
+def plot_quality_vs_steps(metrics: dict[str, dict]):
+    """FID (top) and fine-class accuracy (bottom) vs step, vanilla beside Immiscible, per arm."""
+    fig, axes = plt.subplots(2, len(IMMISCIBLE_PAIRS), figsize=(9, 6), squeeze=False)
+    for col, (arm, pair) in enumerate(IMMISCIBLE_PAIRS.items()):
+        present = [r for r in pair if r in metrics]
+        for row, (key, label) in enumerate((("fid", "FID"), ("fine_accuracy", "fine-class accuracy"))):
+            ax = axes[row][col]
+            if not present:
+                _nothing(ax, f"no metrics for {' or '.join(pair)}")
+                continue
+            for run, style in zip(pair, ("--", "-")):
+                if run in metrics:
+                    curve = quality_curve(metrics[run])
+                    ax.plot(curve["step"], curve[key], style, marker="o", label=run)
+            ax.set_ylabel(label)
+            ax.set_xlabel("training step")
+            ax.legend(fontsize=8)
+        axes[0][col].set_title(f"{arm}: {pair[0]} vs {pair[1]}", fontsize=10)
+    fig.suptitle("Immiscible Diffusion: quality vs training steps")
+    fig.tight_layout()
+    return fig
+
+
+def plot_speedups(bars: dict[str, dict[str, float]]):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = (("finediffusion", f"FineDiffusion & PEFT vs {PEFT_BASELINE} (s/step)", PAPER_FINEDIFFUSION_SPEEDUP,
+               f"paper: {PAPER_FINEDIFFUSION_SPEEDUP:.2f}×", f"needs {PEFT_BASELINE} and a PEFT run"),
+              ("patch", "Patch Diffusion vs EDM", PAPER_PATCH_SPEEDUP,
+               f"paper: ≈{PAPER_PATCH_SPEEDUP:.2f}× ({PAPER_PATCH_HOURS[0]} h / {PAPER_PATCH_HOURS[1]} h)", "needs edm and patch"))
+    for ax, (group, title, paper, paper_label, missing) in zip(axes, panels):
+        values = bars.get(group, {})
+        ax.set_title(title, fontsize=10)
+        if not values:
+            _nothing(ax, f"no data: {missing}")
+            continue
+        drawn = ax.bar(list(values), list(values.values()), color="tab:blue")
+        ax.bar_label(drawn, fmt="%.2f×", fontsize=8)
+        ax.axhline(paper, color="tab:red", linestyle="--", label=paper_label)
+        ax.axhline(1.0, color="grey", linewidth=0.8, label="parity")
+        ax.set_ylim(0, 1.2 * max(paper, *values.values()))
+        ax.set_ylabel("speed-up (baseline time / method time)")
+        ax.tick_params(axis="x", labelsize=8)
+        ax.legend(fontsize=8)
+    fig.suptitle("Speed-ups at this scale vs the papers'")
+    fig.tight_layout()
+    return fig
+
+
+def plot_superclass_accuracy(accuracy: dict[str, np.ndarray], super_names: list[str], chance: float,
+                             note: str = "no fine-tuning run with samples found"):
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(super_names) + 2), 4))
+    if not accuracy:
+        _nothing(ax, note)
+    else:
+        x, width = np.arange(len(super_names)), 0.8 / len(accuracy)
+        for i, (run, acc) in enumerate(accuracy.items()):
+            ax.bar(x + (i - (len(accuracy) - 1) / 2) * width, acc, width, label=run)
+        ax.axhline(chance, color="grey", linestyle="--", label=f"chance (1/{round(1 / chance)})")
+        ax.set_xticks(x, super_names, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("superclass")
+        ax.set_ylabel("judge's fine-class accuracy")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title("Fine-class accuracy of the samples, per superclass")
+    return fig
+
+
+def save(fig, out_dir: str | Path, name: str) -> Path:
+    """Write `fig` as `out_dir/name` (atomically: a killed notebook leaves no half PNG) and close it."""
+    path = Path(out_dir) / name
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
