@@ -44,19 +44,23 @@ def _timed(fn) -> float:
 
 
 def bench_run(params: dict, run: str, steps: int = 20, warmup: int = 5) -> dict:
+    """Mean step time and FLOPs over the same `steps` steps (patch sizes vary from step to step,
+    so FLOPs are counted on exactly the timed steps, by a second trainer replaying them)."""
     from accelerate import Accelerator
 
+    timed_steps = range(warmup, warmup + steps)
     trainer = Trainer(params, run, Accelerator(cpu=True))
     for s in range(warmup):
         trainer.step(s)
+    images_before = trainer.images_seen
+    seconds = sum(_timed(lambda s=s: trainer.step(s)) for s in timed_steps)
+    images = trainer.images_seen - images_before
+    replay = Trainer(params, run, Accelerator(cpu=True))
     counter = FlopCounterMode(display=False)
     with counter:
-        trainer.step(warmup)
-    images_before = trainer.images_seen
-    times = [_timed(lambda s=s: trainer.step(s)) for s in range(warmup + 1, warmup + 1 + steps)]
-    step = statistics.median(times)
-    images = (trainer.images_seen - images_before) / steps
-    return {"step_s": step, "flops": counter.get_total_flops(), "images_per_s": images / step}
+        for s in timed_steps:
+            replay.step(s)
+    return {"step_s": seconds / steps, "flops": counter.get_total_flops() / steps, "images_per_s": images / seconds}
 
 
 def bench_assignment(batch: int, shape: tuple[int, ...], repeats: int = 5) -> float:
@@ -75,7 +79,7 @@ def main() -> None:
     lines = ["# Benchmarks (generated: `PYTHONPATH=src python benchmarks/bench_train_step.py`)", "",
              f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}, Python {sys.version.split()[0]}. Measured fp32 matmul peak "
-             f"(2048³): {peak / 1e9:.1f} GFLOP/s. Step times are medians of 20 steps after 5 warm-up steps.",
+             f"(2048³): {peak / 1e9:.1f} GFLOP/s. Step times and FLOPs are means over the same 20 steps after 5 warm-up steps.",
              "", "## Training step of each default run", "",
              "| run | model | batch | s/step | images/s | GFLOP/step | GFLOP/s | % of matmul peak |",
              "|---|---|---|---|---|---|---|---|"]
