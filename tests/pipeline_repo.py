@@ -31,7 +31,7 @@ def make_repo(path: Path) -> Path:
 
 def env(path: Path) -> dict:
     e = dict(os.environ)
-    e.update({"DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(path / ".site-cache"),
+    e.update({"DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(path.parent / f".site-cache-{path.name}"),
               "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
               "GIT_COMMITTER_EMAIL": "t@t", "PATH": f"{Path(sys.executable).parent}:{e.get('PATH', '')}",
               "MPLBACKEND": "Agg"})
