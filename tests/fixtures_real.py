@@ -305,3 +305,16 @@ def serve(files: dict[str, bytes], **behaviour):
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# --- CelebA, unpacked ----------------------------------------------------------------------
+
+
+def build_celeba_tree(root: Path) -> None:
+    """The unpacked layout the download stage leaves: `img_align_celeba/NNNNNN.jpg` (178×218)
+    next to list_eval_partition.txt; partition p → colour p."""
+    (root / "img_align_celeba").mkdir(parents=True, exist_ok=True)
+    for k, code in enumerate(CELEBA_PARTITION):
+        (root / "img_align_celeba" / f"{k + 1:06d}.jpg").write_bytes(encode(class_color(code), 178, 218))
+    (root / "list_eval_partition.txt").write_text(
+        "".join(f"{k + 1:06d}.jpg {code}\n" for k, code in enumerate(CELEBA_PARTITION)))

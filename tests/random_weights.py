@@ -1,6 +1,9 @@
 """Random weights in the real architectures of files we cannot download here (the real loaders
 are exercised on them)."""
 
+from pathlib import Path
+
+
 def random_fid_inception_state() -> dict:
     """Random weights in the real FID Inception layout (pytorch-fid's fid_inception_v3 structure)."""
     from pytorch_fid import inception as fi
@@ -16,3 +19,16 @@ def random_fid_inception_state() -> dict:
                         ("Mixed_7b", fi.FIDInceptionE_1(1280)), ("Mixed_7c", fi.FIDInceptionE_2(2048))]:
         setattr(net, name, block)
     return net.state_dict()
+
+
+def save_random_lpips_weights(models_dir: Path) -> None:
+    """Random weights in the layouts of torchvision's alexnet-owt-7be5be79.pth and lpips v0.1
+    alex.pth, at the default `evaluate.alexnet_weights` / `evaluate.lpips_weights` paths."""
+    import torch
+    import torchvision
+
+    from diffrepro.lpips import TAP_CHANNELS
+
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), models_dir / "alexnet-owt-7be5be79.pth")
+    torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(TAP_CHANNELS)},
+               models_dir / "lpips-v0.1-alex.pth")

@@ -85,7 +85,7 @@ def workspace(tmp_path_factory) -> Path:
     """The XL/2R profile as is but at tiny dims, through `train dimr`: the ImageNet folder fixture,
     a tiny VAE in the SD folder layout (f = 8, scaling 0.18215), random Inception weights."""
     from fixtures_real import build_imagenet_tree
-    from random_weights import random_fid_inception_state
+    from random_weights import random_fid_inception_state, save_random_lpips_weights
 
     from diffrepro.models.autoencoder import tiny_autoencoder
 
@@ -102,6 +102,7 @@ def workspace(tmp_path_factory) -> Path:
     vae.register_to_config(scaling_factor=0.18215)
     vae.save_pretrained(work / "models" / "sd-vae-ft-ema")
     torch.save(random_fid_inception_state(), work / "models" / "inception.pth")
+    save_random_lpips_weights(work / "models")
     for stage in ("prepare", "autoencoder", "extract-latents", "features"):
         _cli(work, stage)
     _cli(work, "train", "pretrain")

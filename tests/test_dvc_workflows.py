@@ -38,6 +38,17 @@ def test_a_second_clone_pulls_every_result_and_reruns_nothing(pushed, tmp_path):
         (origin / "models" / "dit" / "ema.safetensors").read_bytes()
 
 
+def test_a_laptop_gets_every_number_without_pulling_or_rerunning(pushed, tmp_path):
+    """`dvc repro --pull --allow-missing` in a fresh clone: nothing re-runs, nothing big is fetched."""
+    origin, _ = pushed
+    clone = tmp_path / "laptop"
+    run(tmp_path, "git", "clone", "-q", str(origin), str(clone))
+    out = run(clone, "dvc", "repro", "--pull", "--allow-missing").stdout
+    assert "Running stage" not in out, out
+    assert (clone / "reports" / "results.md").read_text() == (origin / "reports" / "results.md").read_text()
+    assert not (clone / "models" / "dit").exists()  # the weights stay on the remote
+
+
 def test_queued_guidance_sweep_runs_and_exp_show_lists_the_metrics(pushed):
     origin, _ = pushed
     run(origin, "dvc", "exp", "run", "--queue", "-S", "profile=smoke", "-S", "runs.finediffusion.guidance_scale=1.0,4.0")

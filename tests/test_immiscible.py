@@ -41,6 +41,20 @@ def test_assignment_reaches_the_brute_force_optimum(n, squared):
     assert cost[np.arange(n), perm.numpy()].sum() == pytest.approx(brute_force_min(cost), rel=1e-6)
 
 
+@pytest.mark.parametrize("quantize", [True, False])
+def test_reduced_solve_reaches_scipys_optimum_on_the_raw_cost_at_batch_1024(quantize):
+    # lsa_permutation subtracts row and column minima first; the optimum must not move, also with
+    # the many ties of fp16-quantised costs. Reference: scipy on the unreduced float64 matrix.
+    from scipy.optimize import linear_sum_assignment
+
+    cost = pair_cost(randn(1024, 4, 8, 8, seed=20), randn(1024, 4, 8, 8, seed=21), quantize_fp16=quantize)
+    raw = cost.double().numpy()
+    rows, cols = linear_sum_assignment(raw)
+    perm = lsa_permutation(cost).numpy()
+    assert sorted(perm) == list(range(1024))
+    assert raw[np.arange(1024), perm].sum() == pytest.approx(raw[rows, cols].sum(), rel=1e-12, abs=0)
+
+
 def test_assigned_noise_is_a_permutation_of_the_drawn_noise_and_images_are_untouched():
     x0 = randn(16, 4, 4, 4, seed=0)
     x0_before = x0.clone()

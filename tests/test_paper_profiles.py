@@ -47,7 +47,7 @@ def test_finediffusion_inat256_structure_runs_at_tiny_size(tmp_path):
     """The profile as is, but tiny dims: an iNat-layout fixture, a tiny VAE in the SD folder layout,
     a tiny DiT checkpoint in the official key layout, random Inception weights."""
     from fixtures_real import build_inat
-    from random_weights import random_fid_inception_state
+    from random_weights import random_fid_inception_state, save_random_lpips_weights
 
     from diffrepro.models.autoencoder import tiny_autoencoder
     from diffrepro.models.registry import build_model
@@ -67,6 +67,7 @@ def test_finediffusion_inat256_structure_runs_at_tiny_size(tmp_path):
     official = build_model("DiT-tiny/2", input_size=2, in_channels=4, num_classes=1000)
     torch.save(official.state_dict(), tmp_path / "models" / "DiT-XL-2-256x256.pt")
     torch.save(random_fid_inception_state(), tmp_path / "models" / "inception.pth")
+    save_random_lpips_weights(tmp_path / "models")
 
     for stage in ("prepare", "autoencoder", "extract-latents", "features"):
         _cli(tmp_path, stage)

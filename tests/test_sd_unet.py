@@ -1,17 +1,31 @@
-"""SD v1.4 UNet: exact size, local loading, the official training step and sampler at toy size."""
+"""SD v1.4 UNet: exact size, local loading, class prompts, the official training step and sampler
+(and the PNDM sampler the generic sampling stage uses) at toy size."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
+from diffrepro.diffusion.gaussian import GaussianDiffusion, guided_model_fn, make_betas
+from diffrepro.diffusion.pndm import pndm_sample
 from diffrepro.errors import UserError
 from diffrepro.methods.immiscible import NoiseAssigner
-from diffrepro.models.info import model_info
+from diffrepro.models.info import count_params
 from diffrepro.models.registry import build_model
-from diffrepro.models.sd_unet import (SDUNet, encode_prompts, generate_images, imagenet_prompts,
-                                      load_sd_components, sd_noise_scheduler, sd_training_loss,
-                                      tiny_sd_components, tokenize)
+from diffrepro.models.sd_unet import (SD_V14_SCHEDULER_CONFIG, SDUNet, class_prompts, encode_prompts,
+                                      generate_images, imagenet_prompts, load_sd_components,
+                                      sd_noise_scheduler, sd_training_loss, tiny_sd_components, tokenize)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Toy-size layers: on a busy 2-core machine two intra-op threads make them ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +43,18 @@ def sd_folder(tiny, tmp_path_factory):
 
 
 def test_sd_v14_unet_has_859_520_964_parameters():
-    info = model_info("sd-v1.4-unet")
-    assert info["params"] == 859_520_964 == info["trainable"]
+    """(`python -m diffrepro info sd-v1.4-unet` is checked in test_sd_profiles.py.)"""
     with torch.device("meta"):
-        model = build_model("sd-v1.4-unet")
-    assert (model.in_channels, model.out_channels, model.input_size) == (4, 4, 64)
+        model = build_model("sd-v1.4-unet", input_size=32)  # 256 px: the latent side does not change weights
+    assert count_params(model) == (859_520_964, 859_520_964)
+    assert (model.in_channels, model.out_channels, model.input_size) == (4, 4, 32)
 
 
 def test_missing_sd_folder_names_the_path_and_where_to_get_it(tmp_path):
     (tmp_path / "vae").mkdir()
     (tmp_path / "text_encoder").mkdir()
     loaders = {"tokenizer": load_sd_components,
-               "unet": lambda d: build_model("sd-v1.4-unet", pretrained=d)}
+               "unet": lambda d: build_model("sd-v1.4-unet", sd_dir=d, pretrained=True)}
     for missing, load in loaders.items():
         with pytest.raises(UserError) as err:
             load(tmp_path)
@@ -49,7 +63,7 @@ def test_missing_sd_folder_names_the_path_and_where_to_get_it(tmp_path):
         assert "\n" not in message
     (tmp_path / "unet").mkdir()  # present but empty: the loader's own error, as one line naming it
     with pytest.raises(UserError, match="unet.*CompVis/stable-diffusion-v1-4") as err:
-        build_model("sd-v1.4-unet", pretrained=tmp_path)
+        build_model("sd-v1.4-unet", sd_dir=tmp_path, pretrained=True)
     assert str(tmp_path / "unet") in str(err.value) and "\n" not in str(err.value)
 
 
@@ -113,7 +127,7 @@ def test_pndm_generation_runs_guided_steps_and_returns_images(tiny):
 def test_fine_tune_starts_from_the_given_unet_weights(tiny, sd_folder):
     """The official "ft" script re-initialised the UNet it had loaded; here loading is the start."""
     given = tiny.unet.state_dict()
-    finetuned = build_model("sd-v1.4-unet", pretrained=str(sd_folder))
+    finetuned = build_model("sd-v1.4-unet", sd_dir=str(sd_folder), pretrained=True)
     loaded = load_sd_components(sd_folder)
     for state in (finetuned.unet.state_dict(), loaded.unet.state_dict()):
         assert state.keys() == given.keys()
@@ -131,3 +145,53 @@ def test_imagenet_prompts_make_the_two_cranes_unique():
     assert len(set(prompts)) == 1000
     assert (prompts[134], prompts[517], prompts[0]) == ("crane (class 134)", "crane (class 517)", names[0])
     assert imagenet_prompts(names, unique=False) == names
+
+
+def test_class_prompts_turn_imagenet_wnids_into_their_synonym_lines(tmp_path):
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    wnids = ["n01440764", "n02012849", "n03126707"]  # tench, crane (the bird), crane (the machine)
+    (prepared / "classes.json").write_text(json.dumps({"classes": [{"name": w, "super": 0} for w in wnids]}))
+    words = tmp_path / "LOC_synset_mapping.txt"
+    words.write_text("n01440764 tench, Tinca tinca\nn02012849 crane\nn03126707 crane\nn09999999 unused\n")
+    assert class_prompts(prepared, words) == ["tench, Tinca tinca", "crane (class 1)", "crane (class 2)"]
+    with pytest.raises(UserError) as err:
+        class_prompts(prepared, tmp_path / "absent.txt")
+    assert str(tmp_path / "absent.txt") in str(err.value) and "\n" not in str(err.value)
+    words.write_text("n01440764 tench, Tinca tinca\n")
+    with pytest.raises(UserError, match="no line for n02012849"):
+        class_prompts(prepared, words)
+
+
+def test_pndm_sampler_is_the_stable_diffusion_loop_bit_for_bit(tiny):
+    """pndm_sample with the generic guided ε function == diffusers' PNDMScheduler driven as
+    StableDiffusionPipeline drives it (CFG 7.5 against "", 20 steps = 21 UNet calls)."""
+    from diffusers import PNDMScheduler
+
+    model = SDUNet(tiny.unet)
+    model.set_class_prompts(tiny.text_encoder, tiny.tokenizer, ["tench, Tinca tinca", "goldfish"])
+    labels = torch.tensor([1, 0, 1])
+    x_T = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    calls = []
+    hook = tiny.unet.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            diffusion = GaussianDiffusion(make_betas("scaled_linear", 1000), learn_sigma=False)
+            fn = guided_model_fn(model, labels, torch.full_like(labels, 2), 7.5, guided_channels=None)
+            ours = pndm_sample(diffusion, fn, x_T, 20)
+
+            scheduler = PNDMScheduler.from_config(SD_V14_SCHEDULER_CONFIG)
+            scheduler.set_timesteps(20)
+            text, empty = model.class_context[labels], model.class_context[[2, 2, 2]]
+            latents = x_T * scheduler.init_noise_sigma
+            for t in scheduler.timesteps:
+                both = tiny.unet(torch.cat([latents] * 2), t, torch.cat([text, empty])).sample
+                eps_text, eps_uncond = both.chunk(2)
+                eps = eps_uncond + 7.5 * (eps_text - eps_uncond)
+                latents = scheduler.step(eps, t, latents).prev_sample
+    finally:
+        hook.remove()
+    assert calls == [6] * 21 * 2 and len(scheduler.timesteps) == 21
+    assert torch.equal(ours, latents)
+    with pytest.raises(UserError, match="scaled_linear"):
+        pndm_sample(GaussianDiffusion(make_betas("linear", 1000), learn_sigma=False), fn, x_T, 20)

@@ -1,27 +1,76 @@
 """`python -m diffrepro <stage> [...]`: the entry point of every DVC stage, plus `info MODEL`.
 
-Each stage reads params.yaml itself (only its own section); errors that a user can fix are
-printed as one line and exit with status 2.
+Each stage reads params.yaml itself (only its own section); errors that a user can fix (a full
+disk included) are printed as one line and exit with status 2. A stage that succeeds records its
+wall time and peak memory in `logs/stages/<stage>.json` (benchmarks/ tabulates them).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import resource
 import sys
+import time
+from pathlib import Path
 
-from diffrepro.errors import UserError
+from diffrepro.errors import OUT_OF_ROOM, DiskFullError, UserError
+
+STAGE_RECORDS = Path("logs/stages")
 
 
-def _stage(module: str, function: str, with_run: bool = False):
+@contextlib.contextmanager
+def stage_record(name: str, records_dir: Path = STAGE_RECORDS):
+    """Write `<records_dir>/<name>.json` (wall seconds, peak RSS) if the block succeeds.
+
+    Peak RSS is the kernel's high-water mark of this process (VmHWM) and of its largest finished
+    child (getrusage). Under `accelerate launch` only rank 0 records.
+    """
+    from diffrepro.atomic import atomic_path
+
+    tic = time.perf_counter()
+    yield
+    wall = time.perf_counter() - tic
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    own = _own_peak_rss()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    record = {"stage": name, "via_dvc": "DVC_STAGE" in os.environ, "wall_seconds": round(wall, 3),
+              "peak_rss_bytes": max(own, children), "peak_rss_self_bytes": own,
+              "peak_rss_children_bytes": children, "cpus": os.cpu_count()}
+    with atomic_path(records_dir / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+
+
+def _own_peak_rss() -> int:
+    """This process's resident high-water mark in bytes. /proc's VmHWM, not getrusage: Linux's
+    ru_maxrss keeps the high-water mark of the process that forked us (DVC, pytest) across exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _stage(command: str, module: str, function: str, with_run: bool = False):
     def run(args):
         import importlib
 
         from diffrepro.config import load_params
 
-        params = load_params(args.params)
-        fn = getattr(importlib.import_module(f"diffrepro.{module}"), function)
-        return fn(params, args.run) if with_run else fn(params)
+        # DVC names the stage it runs (train@dit, pretrain, extract_latents); by hand: command@run
+        name = os.environ.get("DVC_STAGE") or (f"{command}@{args.run}" if with_run else command)
+        with stage_record(name):
+            params = load_params(args.params)
+            fn = getattr(importlib.import_module(f"diffrepro.{module}"), function)
+            if with_run:
+                fn(params, args.run)
+            else:
+                fn(params)
 
     return run
 
@@ -71,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         if with_run:
             p.add_argument("run", help="a run name from params.yaml `runs`")
         p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
-        p.set_defaults(func=_stage(module, function, with_run))
+        p.set_defaults(func=_stage(name, module, function, with_run))
     info = sub.add_parser("info", help="params, trainable params and GMACs of a model")
     info.add_argument("model", help="registry name, e.g. DiT-XL/2, DiMR-XL/2R, ddpmpp, sd-v1.4-unet")
     info.add_argument("--method", default=None, help="method whose parameter selection applies")
@@ -95,6 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except OSError as err:  # a write outside atomic_path ran out of room: the same one line
+        if err.errno not in OUT_OF_ROOM:
+            raise
+        print(f"error: {DiskFullError(err.filename or 'a file', OUT_OF_ROOM[err.errno])}", file=sys.stderr)
+        sys.exit(2)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

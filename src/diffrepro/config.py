@@ -44,6 +44,8 @@ RUN_SCHEMA: dict[str, Any] = {
     "sampler": str,
     "sample_steps": int,
     "guidance_scale": float,
+    "guidance_schedule": str,  # constant | increasing (DiMR eval.py's power-cosine ramp of w)
+    "guidance_power": float,   # the ramp's exponent (eval.py's --cfg_scale_pow); unused when constant
     "guided_channels": (int, type(None)),
     "seed": int,
 }
@@ -71,14 +73,17 @@ SCHEMA: dict[str, Any] = {
     "train": {"num_workers": int, "log_every": int},
     "pretrain": RUN_SCHEMA,
     "runs": {"*": RUN_SCHEMA},
-    "sample": {"per_class": int, "batch_size": int, "grid_classes": int},
-    "evaluate": {"diversity_pairs": int},
+    "sample": {"per_class": int, "batch_size": int, "grid_classes": int,
+               "seed_sets": int},   # independent final sample sets (EDM: FID = min over 3)
+    "evaluate": {"diversity_pairs": int, "lpips_weights": str, "alexnet_weights": str},
     "report": {"title": str},
 }
 
 POSITIVE_INTS = {"image_size", "images_per_class", "heldout_per_class", "batch_size",
-                 "num_super", "per_class", "sample_steps"}
+                 "num_super", "per_class", "sample_steps", "seed_sets", "diversity_pairs"}
 NON_NEGATIVE_INTS = {"steps", "warmup_steps"}  # steps 0: adopt `init_from` as is (official weights)
+POSITIVE_FLOATS = {"guidance_power"}
+CHOICES = {"guidance_schedule": ("constant", "increasing")}
 
 
 def _type_name(t) -> str:
@@ -95,6 +100,10 @@ def _check(value: Any, schema: Any, where: str, source: str) -> None:
             for key, item in value.items():
                 _check(item, schema["*"], f"{where}.{key}", source)
             return
+        if schema is RUN_SCHEMA:  # a run must say everything: no silent defaults for a paper setting
+            missing = [key for key in schema if key not in value]
+            if missing:
+                raise UserError(f"{source}: `{where}` is missing key `{missing[0]}`")
         for key, item in value.items():
             full = f"{where}.{key}" if where else key
             if key not in schema:
@@ -116,6 +125,10 @@ def _check(value: Any, schema: Any, where: str, source: str) -> None:
         raise UserError(f"{source}: `{where}` must be a positive integer, got {value}")
     if leaf in NON_NEGATIVE_INTS and isinstance(value, int) and value < 0:
         raise UserError(f"{source}: `{where}` must be a non-negative integer, got {value}")
+    if leaf in POSITIVE_FLOATS and value <= 0:
+        raise UserError(f"{source}: `{where}` must be a positive number, got {value}")
+    if leaf in CHOICES and value not in CHOICES[leaf]:
+        raise UserError(f"{source}: `{where}` must be one of {', '.join(CHOICES[leaf])}, got {value!r}")
 
 
 def validate(params: dict, source: str = PARAMS_FILE) -> dict:

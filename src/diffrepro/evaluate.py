@@ -5,12 +5,15 @@
 - Fine-class and superclass accuracy of the judge on the samples: does a sample show its class?
 - Hue error (default data only): the continuous per-class attribute, in degrees (chance ≈ 90°).
 - Diversity: mean within-class pairwise feature distance of the samples relative to that of real
-  held-out images (1.0 = as varied as real data; the paper's LPIPS plays this role).
+  held-out images (1.0 = as varied as real data). At paper scale (Inception features) also the
+  paper's LPIPS diversity (`lpips.py`: mean LPIPS over within-class sample pairs).
+- With several seed sets (EDM's protocol): the FID of each and their minimum; `fid` stays set 0's.
 - The same FID/accuracy at every training snapshot (quality vs training steps).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from diffrepro.data.synthetic import hue_error, object_hue
 from diffrepro.errors import UserError
 from diffrepro.features import FeatureNet, feature_statistics, frechet_distance, heldout_sample
 from diffrepro.models.info import count_gmacs
+from diffrepro.sample import final_set_name
 
 FEATURES_DIR = Path("models/features")
 
@@ -71,6 +75,17 @@ def evaluate_stage(params: dict, run: str) -> None:
                "init_from": cfg["init_from"], "split": cfg["split"]}
     scores, features = score_samples(net, images, labels, supers, reference, classes)
     metrics.update(scores)
+    sampling = json.loads((sample_dir / "sampling.json").read_text())
+    if sampling["seed_sets"] > 1:
+        metrics["fid_seed_sets"] = [scores["fid"]] + [
+            _set_fid(net, sample_dir / f"{final_set_name(k)}.npz", reference) for k in range(1, sampling["seed_sets"])]
+        metrics["fid_min"] = min(metrics["fid_seed_sets"])
+    if params["features"]["kind"] == "inception":
+        from diffrepro.lpips import load_lpips, lpips_diversity
+
+        ev = params["evaluate"]
+        metrics["lpips"] = lpips_diversity(load_lpips(ev["lpips_weights"], ev["alexnet_weights"]), images, labels,
+                                           ev["diversity_pairs"], params["seed"])
     if cfg["split"] != "base":
         heldout = heldout_sample(prepared / params["data"]["heldout_split"], params["seed"])
         real_spread = within_class_spread(net(heldout["images"])["features"], heldout["labels"],
@@ -84,10 +99,32 @@ def evaluate_stage(params: dict, run: str) -> None:
         metrics["quality_vs_steps"].append({"step": int(snap.stem.split("-")[1]), **s})
     train_metrics = json.loads((Path("models") / run / "train_metrics.json").read_text())
     metrics["train"] = train_metrics
-    metrics["sampling"] = json.loads((sample_dir / "sampling.json").read_text())
+    metrics["sampling"] = sampling
+    metrics["samples_sha256"] = tree_digest(sample_dir)
     metrics["gmacs"] = _run_gmacs(run)
     with atomic_path(Path("metrics") / f"{run}.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=1))
+
+
+def tree_digest(folder: Path) -> str:
+    """sha256 of every file's name and bytes under `folder`: the metrics file then changes whenever
+    the samples do, so the figures and report stages depend on `metrics/` alone (`samples/` holds
+    DVC's .gitignore and is not restored by `dvc repro --pull --allow-missing`)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _set_fid(net: FeatureNet, path: Path, reference) -> float:
+    if not path.exists():
+        raise UserError(f"{path} is missing although sampling.json lists it: "
+                        f"re-run `dvc repro sample@{path.parent.name}`")
+    with np.load(path) as npz:
+        return frechet_distance(feature_statistics(net(npz["images"])["features"]), reference)
 
 
 def _run_gmacs(run: str) -> float:

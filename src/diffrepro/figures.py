@@ -21,7 +21,7 @@ import pandas as pd
 
 from diffrepro.atomic import atomic_path
 from diffrepro.config import run_params
-from diffrepro.report import TABLES
+from diffrepro.report import REPLICATE, TABLES
 
 matplotlib.use("Agg")  # figures are files, never windows (also inside a Jupyter kernel)
 
@@ -38,9 +38,12 @@ PAPER_PATCH_SPEEDUP = PAPER_PATCH_HOURS[0] / PAPER_PATCH_HOURS[1]
 # ---- reading the pipeline's outputs -------------------------------------------------------------
 
 def select(found, runs: list[str] | None) -> list[str]:
-    """The runs to draw: `runs` in its own order minus the absent ones (None: every run found, sorted)."""
+    """The runs to draw: `runs` in its own order minus the absent ones (None: every run found, sorted,
+    without the seed replicates `<run>_seed<k>` — figures show seed 0, the report's tables all seeds)."""
     found = set(found)
-    return sorted(found) if runs is None else [r for r in runs if r in found]
+    if runs is None:
+        return sorted(r for r in found if not REPLICATE.match(r))
+    return [r for r in runs if r in found]
 
 
 def load_metrics(metrics_dir: str | Path, runs: list[str] | None = None) -> dict[str, dict]:

@@ -76,7 +76,13 @@ def model_config(cfg: dict, method, data_shape: tuple[int, ...], num_classes: in
 
 
 def build_network(model_name: str, kwargs: dict, diffusion: str) -> torch.nn.Module:
-    """The registered backbone, wrapped in EDM's preconditioning for EDM runs."""
+    """The registered backbone, wrapped in EDM's preconditioning for EDM runs.
+
+    The SD UNet (`sd-v1.4-unet`) is built from its kwargs alone, so the trained run rebuilds
+    identically from config.json: `sd_dir` (the local SD v1.4 folder: its frozen text encoder
+    encodes the class prompts once; with `pretrained`, its UNet weights are the start) and
+    `classes_dir` (the prepared data, whose class names become the prompts).
+    """
     if diffusion not in DIFFUSIONS:
         raise UserError(f"params.yaml: run diffusion must be one of {DIFFUSIONS}, got {diffusion!r}")
     net = build_model(model_name, **kwargs)

@@ -1,12 +1,16 @@
 """`sample@RUN` stage: class-balanced samples of a trained run, decoded to uint8 images.
 
-Every image's starting noise comes from its own generator seeded by (sample seed, image index),
-so any subset can be regenerated and a killed stage resumes chunk by chunk (finished chunks are
-kept in `checkpoints/<run>/samples/`) without duplicating or dropping an image. Under
-`accelerate launch` the chunks are dealt round-robin to any number of processes; the main process
-assembles them in image order, so the result does not depend on the process count.
+Every image's noise (its start and, for stochastic samplers, every step's) comes from its own
+generator seeded by (sample seed, image index), so any subset can be regenerated and a killed
+stage resumes chunk by chunk (finished chunks are kept in `checkpoints/<run>/samples/`) without
+duplicating or dropping an image. Under `accelerate launch` the chunks are dealt round-robin to
+any number of processes; the main process assembles them in image order, so the result does not
+depend on the process count.
 Writes `samples/<run>/final.npz` (images, labels, super_labels), one npz per training snapshot
-(`step-XXXXXXX.npz`, for quality vs steps) and a labelled grid `samples/<run>/grid.png`.
+(`step-XXXXXXX.npz`, for quality vs steps) and a labelled grid `samples/<run>/grid.png`. With
+`sample.seed_sets` = S > 1 it also writes `final-set1.npz` ... `final-set{S-1}.npz`: set k uses
+image indices k·N ... k·N + N − 1 (N = images per set), so no two sets share a noise; this is EDM's
+FID protocol (three 50k sets, seeds 0-49999 / 50000-99999 / 100000-149999, report the minimum).
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ def sample_labels(prepared_dir: str, split: str, per_class: int) -> tuple[np.nda
 
 
 class RunSampler:
-    """Turns (labels, image indices) into images for one run's network and sampler params."""
+    """Turns (labels, image indices) into images for one run's network and sampler params
+    (`cfg`: the run's params, `where`: their key in params.yaml, for error messages)."""
 
-    def __init__(self, model: torch.nn.Module, config: dict, cfg: dict, seed: int, vae=None, device="cpu"):
+    def __init__(self, model: torch.nn.Module, config: dict, cfg: dict, seed: int, vae=None, device="cpu", *,
+                 where: str):
         self.device = torch.device(device)
         self.model, self.config, self.cfg, self.seed = model.to(self.device), config, cfg, seed
         self.vae = vae.to(self.device) if vae is not None else None
@@ -53,43 +59,53 @@ class RunSampler:
 
             self.diffusion = GaussianDiffusion(make_betas(config["schedule"], 1000),
                                                learn_sigma=learns_sigma(model))
+        elif cfg["guidance_schedule"] != "constant":
+            raise UserError(f"params.yaml: `{where}.guidance_schedule` must be constant for an EDM run "
+                            f"(the increasing schedule is defined on DDPM timesteps), got {cfg['guidance_schedule']!r}")
 
-    def noise(self, indices: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.stack([torch.randn(shape, generator=rng(self.seed, SAMPLE_SEED_OFFSET, int(i)))
-                            for i in indices])
+    def generators(self, indices: np.ndarray) -> list[torch.Generator]:
+        """One generator per image, seeded by (sample seed, image index)."""
+        return [rng(self.seed, SAMPLE_SEED_OFFSET, int(i)) for i in indices]
 
     @torch.no_grad()
     def __call__(self, labels: np.ndarray, supers: np.ndarray, indices: np.ndarray) -> np.ndarray:
         kw = self.config["model_kwargs"]
         shape = (kw["in_channels"], kw["input_size"], kw["input_size"])
-        x_T = self.noise(indices, shape).to(self.device)
+        generators = self.generators(indices)
+        x_T = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
         y, s = torch.from_numpy(labels).to(self.device), torch.from_numpy(supers).to(self.device)
-        guide = self.method.guidance_labels(y, s, self.model)
+        if self.model.num_classes is None:  # unconditional net (EDM's --cond=0): no labels
+            y = guide = None
+        else:
+            guide = self.method.guidance_labels(y, s, self.model)
         scale = self.cfg["guidance_scale"]
         if self.config["diffusion"] == "edm":
             from diffrepro.diffusion.edm import edm_sample, make_denoiser_fn
 
-            extra = (self.method.sampling_kwargs(len(y), kw["input_size"], self.device)
+            extra = (self.method.sampling_kwargs(len(x_T), kw["input_size"], self.device)
                      if hasattr(self.method, "sampling_kwargs") else {})
             fn = make_denoiser_fn(self.model, y, scale, guide, **extra)
-            x0 = edm_sample(fn, x_T.shape, steps=self.cfg["sample_steps"], noise=x_T)
+            x0 = edm_sample(fn, x_T.shape, steps=self.cfg["sample_steps"], noise=x_T, generator=generators)
         else:
             from diffrepro.diffusion.gaussian import guided_model_fn, sample
 
-            fn = guided_model_fn(self.model, y, guide, scale, guided_channels=self.cfg["guided_channels"])
+            fn = guided_model_fn(self.model, y, guide, scale, guided_channels=self.cfg["guided_channels"],
+                                 scale_schedule=self.cfg["guidance_schedule"],
+                                 num_timesteps=self.diffusion.num_timesteps,
+                                 scale_power=self.cfg["guidance_power"])
             x0 = sample(self.diffusion, fn, x_T.shape, sampler=self.cfg["sampler"],
-                        steps=self.cfg["sample_steps"], noise=x_T)
+                        steps=self.cfg["sample_steps"], noise=x_T, generator=generators)
         if self.vae is not None:
             x0 = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
         return to_uint8(x0)
 
 
 def sample_set(sampler: RunSampler, labels, supers, batch_size: int, chunk_dir: Path, desc: str,
-               accelerator=None) -> np.ndarray | None:
-    """All images of (labels, supers) in chunks of `batch_size`, resuming from finished chunks.
+               accelerator=None, index_offset: int = 0) -> None:
+    """Every image of (labels, supers) as chunks of `batch_size` in `chunk_dir`, skipping finished
+    chunks. Image i is drawn with index `index_offset + i` (its noise seed).
 
-    With an accelerator, process k makes chunks k, k + N, k + 2N, ...; the main process returns
-    the assembled set (other processes return None).
+    With an accelerator, process k makes chunks k, k + N, k + 2N, ... and all wait for the last.
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     chunk_dir.mkdir(parents=True, exist_ok=True)
@@ -99,15 +115,18 @@ def sample_set(sampler: RunSampler, labels, supers, batch_size: int, chunk_dir: 
         if chunk.exists():
             continue
         idx = np.arange(start, min(start + batch_size, len(labels)))
-        images = sampler(labels[idx], supers[idx], idx)
+        images = sampler(labels[idx], supers[idx], idx + index_offset)
         with atomic_path(chunk) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, images)
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    if rank != 0:
-        return None
-    return np.concatenate([np.load(chunk_dir / f"chunk-{start:07d}.npy") for start in starts])
+
+
+def assemble(chunk_dir: Path, num_images: int, batch_size: int) -> np.ndarray:
+    """The chunks of one set, in image order."""
+    return np.concatenate([np.load(chunk_dir / f"chunk-{start:07d}.npy")
+                           for start in range(0, num_images, batch_size)])
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, per_row: int, path: Path, title: str) -> None:
@@ -144,34 +163,43 @@ def sample_stage(params: dict, run: str) -> None:
     vae = load_autoencoder("models/autoencoder") if config["space"] == "latent" else None
     labels, supers = sample_labels(params["data"]["prepared_dir"], cfg["split"], scfg["per_class"])
     num_classes, _ = class_counts(params["data"]["prepared_dir"], cfg["split"])
-    if config["model_kwargs"]["num_classes"] != num_classes:
+    if config["model_kwargs"]["num_classes"] not in (None, num_classes):  # None: an unconditional net
         raise UserError(f"{run_dir} was trained on {config['model_kwargs']['num_classes']} classes but the "
                         f"prepared data has {num_classes}: re-run `dvc repro train@{run}`")
     work = Path("checkpoints") / run / "samples"
-    sets = [(snap.stem, snap) for snap in sorted((run_dir / "snapshots").glob("step-*.safetensors"))]
-    results = {}
-    for name, snap in sets + [("final", None)]:  # snapshots first: quality vs training steps
+    where = "pretrain" if run == "pretrain" else f"runs.{run}"
+    snapshots = [(snap.stem, snap, 0) for snap in sorted((run_dir / "snapshots").glob("step-*.safetensors"))]
+    finals = [(final_set_name(k), None, k * len(labels)) for k in range(scfg["seed_sets"])]
+    for name, snap, offset in snapshots + finals:  # snapshots first: quality vs training steps
         net = model
         if snap is not None:
             net, _ = load_trained(run_dir)
             net.load_state_dict(_full_state(net, load_file(str(snap))))
-        sampler = RunSampler(net, config, cfg, seed, vae, accelerator.device)
-        results[name] = sample_set(sampler, labels, supers, scfg["batch_size"], work / name,
-                                   f"sample {run} {name}", accelerator)
+        sampler = RunSampler(net, config, cfg, seed, vae, accelerator.device, where=where)
+        sample_set(sampler, labels, supers, scfg["batch_size"], work / name, f"sample {run} {name}",
+                   accelerator, index_offset=offset)
     accelerator.end_training()
     if not accelerator.is_main_process:
         return
     with atomic_path(Path("samples") / run, is_dir=True) as tmp:
-        for name, images in results.items():
+        for name, _, _ in snapshots + finals:  # one set in memory at a time
+            images = assemble(work / name, len(labels), scfg["batch_size"])
             np.savez(tmp / f"{name}.npz", images=images, labels=labels, super_labels=supers)
-        images = results["final"]
+        images = np.load(tmp / "final.npz")["images"]
         shown = labels < scfg["grid_classes"]
         save_grid(images[shown], labels[shown], min(8, scfg["per_class"]), tmp / "grid.png",
                   f"{run}: {config['model']} {config['method']}, {cfg['sampler']} {cfg['sample_steps']} steps, "
                   f"guidance {cfg['guidance_scale']}")
-        (tmp / "sampling.json").write_text(json.dumps({"num_images": int(len(labels)), **{
-            k: cfg[k] for k in ("sampler", "sample_steps", "guidance_scale", "guided_channels")}}, indent=1))
+        (tmp / "sampling.json").write_text(json.dumps({
+            "num_images": int(len(labels)), "seed_sets": scfg["seed_sets"],
+            **{k: cfg[k] for k in ("sampler", "sample_steps", "guidance_scale", "guidance_schedule",
+                                   "guidance_power", "guided_channels")}}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def final_set_name(k: int) -> str:
+    """Set 0 is `final` (what every single-set result means); set k > 0 is `final-set{k}`."""
+    return "final" if k == 0 else f"final-set{k}"
 
 
 def _full_state(model: torch.nn.Module, snapshot: dict) -> dict:

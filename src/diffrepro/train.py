@@ -166,7 +166,7 @@ class Trainer:
 
     def step(self, step: int) -> float:
         x0, labels, timesteps, noise, extra, images = self.global_batch(step)
-        if self.cfg["assignment"] != "none" and step % 50 == 0:
+        if step % 50 == 0:  # with and without assignment: the quantity Immiscible Diffusion shrinks
             self.pair_distance.append(mean_pair_distance(x0, noise))
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(step)
@@ -249,9 +249,9 @@ def train_stage(params: dict, run: str) -> None:
         every = params["train"]["log_every"]
         if live is not None and ((step + 1) % every == 0 or step + 1 == cfg["steps"]):
             recent = losses[-every:]
+            live.step = step + 1  # before logging: each value is recorded at the step it ends
             live.log_metric("train/loss", sum(recent) / len(recent))
             live.log_metric("train/step_seconds", step_times[-1])
-            live.step = step + 1
             live.next_step()
         if (step + 1) in cfg["eval_at"] and accelerator.is_main_process:
             _save_weights(trainer, ckpt_dir, step + 1)

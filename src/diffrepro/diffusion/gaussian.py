@@ -17,7 +17,7 @@ FineDiffusion train and sample with, and whose ᾱ DiMR samples with (through DP
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -25,6 +25,15 @@ from diffrepro.diffusion import dpm_solver
 from diffrepro.errors import UserError
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape, generator: Generators, device, dtype=torch.float32) -> torch.Tensor:
+    """N(0, I) draws; a sequence of generators gives row i from generator i (per-sample seeds)."""
+    if isinstance(generator, (list, tuple)):
+        rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.stack(rows).to(device)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
 def make_betas(name: str, num_timesteps: int) -> torch.Tensor:
@@ -319,7 +328,7 @@ def sample(
     shape: tuple[int, ...],
     sampler: str = "ddpm",
     steps: int = 250,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     noise: torch.Tensor | None = None,
     eta: float = 0.0,
     progress: bool = False,
@@ -330,17 +339,19 @@ def sample(
     `model_fn(x, t)` (t: ORIGINAL 0-based timesteps, long for DDPM/DDIM, float for DPM-Solver).
 
     ddpm: ancestral sampling over `space_timesteps(T, str(steps))`, no clipping (DiT).
-    ddim: the same steps, DDIM update with `eta`. dpm_solver: see `dpm_solver.py`.
+    ddim: the same steps, DDIM update with `eta`. dpm_solver: see `dpm_solver.py`. pndm: Stable
+    Diffusion's PLMS scheduler (`pndm.py`; `steps + 1` calls: its first timestep is evaluated twice).
     Deterministic given `noise` (x_T) and `generator` (x_T if `noise` is None, and the
-    per-step noise). Returns x_0, or (x_0, NFE) with `return_nfe`.
+    per-step noise); a sequence of generators (one per sample) makes each sample depend only on
+    its own seed, whatever batch it is drawn in. Returns x_0, or (x_0, NFE) with `return_nfe`.
     """
     if diffusion.is_respaced:
         raise UserError("sample() takes the full T-step diffusion; it respaces to `steps` itself")
     if not 2 <= steps <= diffusion.num_timesteps:
         raise UserError(f"params: sampling steps must be in 2..{diffusion.num_timesteps}, got {steps}")
     if device is None:
-        device = noise.device if noise is not None else (generator.device if generator is not None else "cpu")
-    x = noise.to(device) if noise is not None else torch.randn(shape, generator=generator, device=device)
+        device = noise.device if noise is not None else getattr(generator, "device", "cpu")
+    x = noise.to(device) if noise is not None else randn(shape, generator, device)
     counted = _CountedModel(model_fn)
     with torch.no_grad():
         if sampler == "dpm_solver":
@@ -350,10 +361,14 @@ def sample(
                 return diffusion.split_output(out, x_s)[0]
 
             x = dpm_solver.sample(eps_fn, x, diffusion.alphas_cumprod, steps, progress=progress)
+        elif sampler == "pndm":
+            from diffrepro.diffusion.pndm import pndm_sample
+
+            x = pndm_sample(diffusion, counted, x, steps)
         elif sampler in ("ddpm", "ddim"):
             x = _respaced_loop(diffusion.respaced(str(steps)), counted, x, sampler, generator, eta, progress)
         else:
-            raise UserError(f"params: unknown sampler {sampler!r}; use 'ddpm', 'ddim' or 'dpm_solver'")
+            raise UserError(f"params: unknown sampler {sampler!r}; use 'ddpm', 'ddim', 'dpm_solver' or 'pndm'")
     return (x, counted.calls) if return_nfe else x
 
 
@@ -372,7 +387,7 @@ def _respaced_loop(
         if sampler == "ddpm":
             x = out["mean"]
             if i > 0:
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                z = randn(x.shape, generator, x.device, x.dtype)
                 x = x + torch.exp(0.5 * out["log_variance"]) * z
         else:
             x = _ddim_step(spaced, out, x, t, i, generator, eta)
@@ -390,5 +405,5 @@ def _ddim_step(
     sigma = eta * ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)).sqrt() * (1.0 - alpha_bar / alpha_bar_prev).sqrt()
     x = alpha_bar_prev.sqrt() * out["pred_xstart"] + (1.0 - alpha_bar_prev - sigma**2).sqrt() * eps
     if i > 0 and eta > 0:
-        x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
     return x

@@ -25,8 +25,10 @@ Modes (the run param `assignment`):
 The cost follows the official repository: the (not squared) L2 distance between flattened image
 and noise; with `quantize_fp16` both sides are scaled by 0.1 and rounded to fp16, and the distance
 matrix is rounded to fp16 (the paper's "quantized assignment"; scipy then solves in float64).
-Distances are built in the matmul form ‖x‖² + ‖n‖² − 2 x·nᵀ, 40× faster than pairwise differences.
-`squared=True` uses the squared distance instead (the minibatch-OT convention).
+Distances are built in the matmul form ‖x‖² + ‖n‖² − 2 x·nᵀ (one addmm, then in-place ops), 40× faster
+than pairwise differences. `squared=True` uses the squared distance instead (the minibatch-OT convention).
+scipy solves the row- and column-reduced matrix (the Hungarian method's first step), which has the
+same optimal permutations and halves scipy's time at batch 1024.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ def _flat(x: torch.Tensor, quantize_fp16: bool) -> torch.Tensor:
 
 
 def _finish(sq_dist: torch.Tensor, quantize_fp16: bool, squared: bool) -> torch.Tensor:
-    cost = sq_dist.clamp_min(0)  # the matmul form can go slightly negative for near-equal rows
+    """Distances from fresh squared distances, in place (sq_dist is consumed)."""
+    cost = sq_dist.clamp_min_(0)  # the matmul form can go slightly negative for near-equal rows
     if not squared:
-        cost = cost.sqrt()
+        cost = cost.sqrt_()
     return cost.half().float() if quantize_fp16 else cost
 
 
@@ -56,13 +59,21 @@ def pair_cost(x0: torch.Tensor, noise: torch.Tensor, quantize_fp16: bool = True,
               squared: bool = False) -> torch.Tensor:
     """(len(x0), len(noise)) matrix of image–noise distances, on x0's device, float32."""
     a, b = _flat(x0, quantize_fp16), _flat(noise, quantize_fp16)
-    sq = a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * a @ b.T
+    sq = torch.addmm(b.square().sum(1), a, b.T, alpha=-2).add_(a.square().sum(1, keepdim=True))
     return _finish(sq, quantize_fp16, squared)
 
 
 def lsa_permutation(cost: torch.Tensor) -> torch.Tensor:
-    """Noise index assigned to each image: the permutation minimising the summed cost."""
-    _, cols = linear_sum_assignment(cost.detach().cpu().double().numpy())  # rows are 0..B-1
+    """Noise index assigned to each image: the permutation minimising the summed cost.
+
+    Subtracting each row's minimum, then each column's, lowers every permutation's total by the
+    same constant, so the optimum is unchanged; in float64 the subtraction is exact for fp16 or
+    fp32 costs of one magnitude. scipy's shortest augmenting path starts from these better duals.
+    """
+    reduced = cost.detach().to("cpu", torch.float64, copy=True)  # C order, scipy's dtype
+    reduced -= reduced.amin(1, keepdim=True)
+    reduced -= reduced.amin(0, keepdim=True)
+    _, cols = linear_sum_assignment(reduced.numpy())  # rows are 0..B-1
     return torch.as_tensor(cols, device=cost.device)
 
 

@@ -1,0 +1,79 @@
+"""The report's arithmetic: seed replicates, verdicts against the seed range, equal-FID step counts,
+and the papers' numbers of each profile's own setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffrepro import report
+
+
+def _metrics(run: str, fid: float, steps: int = 100, curve: tuple[tuple[int, float], ...] = (), **train) -> dict:
+    return {"run": run, "model": "DiT-mini/2", "method": "dit", "fid": fid,
+            "quality_vs_steps": [{"step": s, "fid": f} for s, f in curve],
+            "train": {"steps": steps, "step_seconds": 0.1, "train_seconds": 10.0, "images_seen": 640,
+                      "checkpoint_bytes": 2**20, **train}}
+
+
+def _runs(**fids) -> dict:
+    """name=[fid of seed 0, seed 1, ...] → metrics of `name`, `name_seed1`, ..."""
+    out = {}
+    for name, values in fids.items():
+        for seed, fid in enumerate(values):
+            run = name if seed == 0 else f"{name}_seed{seed}"
+            out[run] = _metrics(run, fid)
+    return out
+
+
+def test_replicates_are_the_run_and_its_seed_runs_in_seed_order():
+    metrics = {**_runs(dit=[1.0, 2.0, 3.0]), "dit_seed10": _metrics("dit_seed10", 4.0),
+               "dit_small": _metrics("dit_small", 9.0), "dit_small_seed1": _metrics("dit_small_seed1", 8.0)}
+    assert [m["run"] for m in report.replicates(metrics, "dit")] == ["dit", "dit_seed1", "dit_seed2", "dit_seed10"]
+    assert [m["run"] for m in report.replicates(metrics, "dit_small")] == ["dit_small", "dit_small_seed1"]
+    assert report.replicates(metrics, "absent") == []
+
+
+@pytest.mark.parametrize(("method", "baseline", "expected"), [
+    ([10.0, 11.0], [14.0, 15.0], "held"),          # means 10.5 vs 14.5: |4| > range 1
+    ([14.0, 15.0], [10.0, 11.0], "not held"),
+    ([10.0, 12.0], [11.5, 12.5], "inconclusive"),  # |1.0| ≤ range 2
+    ([10.0], [20.0, 21.0], "inconclusive"),        # one seed on one side
+])
+def test_verdict_compares_the_difference_of_means_with_the_larger_seed_range(method, baseline, expected):
+    assert report.verdict(method, baseline, lower_is_better=True).startswith(expected)
+    flipped = {"held": "not held", "not held": "held"}.get(expected, expected)
+    assert report.verdict(method, baseline, lower_is_better=False).startswith(flipped)
+
+
+def test_frame_reports_mean_and_range_over_seeds():
+    frame = report.results_frame(_runs(dimr=[10.0, 12.0], dit=[13.0]))
+    fid = frame[(frame.metric == "fid") & (frame.paper == "dimr")].set_index("run")
+    assert fid.loc["dimr", "value"] == pytest.approx(11.0) and fid.loc["dimr", "spread"] == pytest.approx(2.0)
+    assert fid.loc["dimr", "seeds"] == 2 and fid.loc["dit", "seeds"] == 1
+    assert fid.loc["dimr", "paper_value"] == 1.70
+
+
+def test_paper_values_follow_the_profile_setting():
+    assert report.paper_rows("dimr", "dimr_g2r_imagenet256")["dimr"]["fid"] == 1.63
+    assert report.paper_rows("dimr", "default")["dimr"]["fid"] == 1.70
+    fd512 = report.paper_rows("finediffusion", "finediffusion_inat512")
+    assert (fd512["finediffusion"]["fid"], fd512["finediffusion"]["lpips"]) == (9.490, 0.723)
+    assert fd512["bitfit"] == {}  # the paper publishes BitFit only at iNat 256
+
+
+def test_steps_to_equal_fid_is_the_first_step_at_or_below_the_baselines_final_fid():
+    metrics = {"vanilla": _metrics("vanilla", 12.0, steps=600, curve=((200, 20.0), (400, 14.0))),
+               "imm": _metrics("imm", 11.0, steps=600, curve=((200, 15.0), (400, 12.0)))}
+    assert report.steps_to_equal_fid(metrics, "imm", "vanilla") == (400, 600)
+    assert report.steps_to_equal_fid(metrics, "vanilla", "imm") is None  # 12.0 never ≤ 11.0
+
+
+def test_large_integral_numbers_print_without_exponents():
+    assert report._fmt(1000.0) == "1,000" and report._fmt(61632) == "61,632" and report._fmt(0.1234) == "0.123"
+
+
+def test_figures_show_seed_zero_unless_runs_are_named():
+    from diffrepro.figures import select
+
+    assert select(["dit_seed1", "edm", "dit"], None) == ["dit", "edm"]
+    assert select(["dit_seed1", "edm", "dit"], ["dit_seed1", "dit"]) == ["dit_seed1", "dit"]
