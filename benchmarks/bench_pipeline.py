@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,9 +26,10 @@ def stage_names(lock: Path = Path("dvc.lock")) -> list[str]:
 
 
 def _dvc(*args: str) -> tuple[float, subprocess.CompletedProcess]:
-    """Wall seconds and result of one `dvc` command in the repository root."""
+    """Wall seconds and result of one `dvc` command in the repository root (this interpreter's
+    DVC, so the benchmark needs no activated environment)."""
     tic = time.perf_counter()
-    proc = subprocess.run(["dvc", *args], capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     return time.perf_counter() - tic, proc
 
 
