@@ -13,3 +13,12 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Toy-size layers: on a busy 2-core machine two intra-op threads make them ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -43,13 +43,7 @@ TOY_UNET = {"block_out_channels": [8, 16, 32, 32], "norm_num_groups": 4, "attent
             "cross_attention_dim": 16}  # tiny_sd_components' UNet, for the scratch arms
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Toy-size layers: on a busy 2-core machine two intra-op threads make them ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("profile", PROFILES)

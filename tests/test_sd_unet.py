@@ -19,13 +19,7 @@ from diffrepro.models.sd_unet import (SD_V14_SCHEDULER_CONFIG, SDUNet, class_pro
                                       sd_noise_scheduler, sd_training_loss, tiny_sd_components, tokenize)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Toy-size layers: on a busy 2-core machine two intra-op threads make them ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

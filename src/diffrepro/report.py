@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -183,6 +184,11 @@ def seed_values(metrics: dict[str, dict], run: str, metric: str) -> list[float]:
     return [float(v) for v in values if v is not None]
 
 
+def seed_mean(metrics: dict[str, dict], run: str, metric: str) -> float:
+    values = seed_values(metrics, run, metric)
+    return sum(values) / len(values)
+
+
 def _with_speedup(metrics: dict[str, dict]) -> dict[str, dict]:
     """FineDiffusion's speed-up column: full fine-tuning's mean step time / each run's, per seed."""
     base = seed_values(metrics, "full_finetune", "step_seconds")
@@ -304,9 +310,7 @@ def patch_speedups(metrics: dict[str, dict]) -> str:
     for method, baseline in (("patch", "edm"), ("patch_small", "edm_small")):
         if not replicates(metrics, method) or not replicates(metrics, baseline):
             continue
-        def mean(run, key):
-            values = seed_values(metrics, run, key)
-            return sum(values) / len(values)
+        mean = partial(seed_mean, metrics)
         per_step = mean(baseline, "step_seconds") / mean(method, "step_seconds")
         per_image = (mean(method, "images_seen") / mean(method, "train_seconds")) / \
             (mean(baseline, "images_seen") / mean(baseline, "train_seconds"))
