@@ -31,7 +31,7 @@ export MPLBACKEND=Agg
 
 case "$command" in
   repro)
-    [ -d .git ] || { echo "error: run.sh repro needs a git clone (DVC records results in git)"; exit 2; }
+    git rev-parse --git-dir >/dev/null 2>&1 || { echo "error: run.sh repro needs a git clone (DVC records results in git)"; exit 2; }
     dvc repro "$@"
     ;;
   test)

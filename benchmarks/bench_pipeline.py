@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-RECORDS = Path("logs/stages")
+RECORDS = Path("logs/stages/default")
 NO_CHANGE_TARGET_S = 2.0
 REPRO_TARGET_MIN, REPRO_LIMIT_MIN = 30, 60
 

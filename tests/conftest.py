@@ -7,6 +7,7 @@ import torch
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("DIFFREPRO_ALLOW_CPU", "1")  # tiny copies of the paper profiles run on the CPU
 
 
 @pytest.fixture(autouse=True)

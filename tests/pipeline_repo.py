@@ -38,8 +38,20 @@ def env(path: Path) -> dict:
     return e
 
 
-def run(path: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=path, env=env(path), capture_output=True, text=True)
+def run(path: Path, *cmd: str, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=path, env={**env(path), **(extra_env or {})}, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def stage_in(work: Path, *args: str) -> None:
+    """`python -m diffrepro ARGS` run in `work`, in this process (no process start-up per stage)."""
+    from diffrepro.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        main(list(args))
+    finally:
+        os.chdir(cwd)

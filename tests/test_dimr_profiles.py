@@ -85,7 +85,8 @@ def workspace(tmp_path_factory) -> Path:
     """The XL/2R profile as is but at tiny dims, through `train dimr`: the ImageNet folder fixture,
     a tiny VAE in the SD folder layout (f = 8, scaling 0.18215), random Inception weights."""
     from fixtures_real import build_imagenet_tree
-    from random_weights import random_fid_inception_state, save_random_lpips_weights
+    from diffrepro.device_standin import random_fid_inception_state
+    from random_weights import save_random_lpips_weights
 
     from diffrepro.models.autoencoder import tiny_autoencoder
 
@@ -94,6 +95,7 @@ def workspace(tmp_path_factory) -> Path:
     params["data"]["image_size"] = 32
     params["features"]["inception_weights"] = "models/inception.pth"
     params["sample"].update(per_class=1, batch_size=8)
+    params["runs"] = {"dimr": params["runs"]["dimr"]}  # the run the report here is made of
     for run in (params["pretrain"], params["runs"]["dimr"]):
         run.update(model="DiMR-mini/2R", steps=min(run["steps"], 2), batch_size=4, sample_steps=3, bf16=False)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
@@ -113,6 +115,7 @@ def workspace(tmp_path_factory) -> Path:
 def test_dimr_xl2r_profile_structure_runs_at_tiny_size_and_exports_the_adm_npz(workspace):
     for stage in ("sample", "evaluate"):
         _cli(workspace, stage, "dimr")
+    _cli(workspace, "speed")
     _cli(workspace, "report")
     _cli(workspace, "adm-npz", "dimr")
 
@@ -122,9 +125,9 @@ def test_dimr_xl2r_profile_structure_runs_at_tiny_size_and_exports_the_adm_npz(w
     assert (config["model"], config["method"], config["schedule"]) == ("DiMR-mini/2R", "dimr", "scaled_linear")
     assert (config["model_kwargs"]["num_classes"], config["model_kwargs"]["input_size"]) == (3, 4)  # 32 px / 8
     assert json.loads((workspace / "models" / "pretrain" / "train_metrics.json").read_text())["steps"] == 0
-    metrics = json.loads((workspace / "metrics" / "dimr.json").read_text())
+    metrics = json.loads((workspace / "metrics" / "dimr_xl2r_imagenet256" / "dimr.json").read_text())
     assert metrics["num_samples"] == 3 and metrics["sampling"]["sampler"] == "dpm_solver"
-    assert "DiMR" in (workspace / "reports" / "results.md").read_text()
+    assert "DiMR" in (workspace / "reports" / "dimr_xl2r_imagenet256" / "results.md").read_text()
 
     with np.load(workspace / "samples" / "dimr" / "final.npz") as npz:
         images, labels = npz["images"], npz["labels"]

@@ -5,9 +5,9 @@ import pytest
 import scipy.linalg
 import torch
 
+from diffrepro.device_standin import random_fid_inception_state
 from diffrepro.errors import UserError
 from diffrepro.features import feature_statistics, frechet_distance, load_inception
-from random_weights import random_fid_inception_state
 
 
 def _direct_fid(a: np.ndarray, b: np.ndarray) -> float:

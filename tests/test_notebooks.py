@@ -5,7 +5,6 @@ match hand counts."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from pipeline_repo import ROOT, make_repo, run
 
 NOTEBOOKS = ("sample_grids", "loss_curves", "immiscible_quality_vs_steps", "speedups",
              "finediffusion_superclass_accuracy")
-PARAMETERS = {"metrics_dir": "metrics", "samples_dir": "samples", "logs_dir": "logs", "out_dir": "reports/plots",
-              "runs": None}
+PARAMETERS = {"metrics_dir": "metrics/default", "samples_dir": "samples", "logs_dir": "logs/default",
+              "out_dir": "reports/plots", "runs": None}
 # What each notebook should find in the smoke profile (runs dit and finediffusion, plus pretrain's log).
 SMOKE_SHOWN = {"sample_grids": "dit, finediffusion", "loss_curves": "dit, finediffusion, pretrain",
                "immiscible_quality_vs_steps": "dit", "speedups": "no runs",
@@ -59,7 +58,9 @@ def executed(smoke_repo, kernel):
     for name in NOTEBOOKS:
         out[name] = papermill.execute_notebook(
             str(ROOT / "notebooks" / f"{name}.ipynb"), str(smoke_repo / f"{name}.out.ipynb"),
-            parameters={"out_dir": "figs-test"}, cwd=str(smoke_repo), kernel_name=kernel, progress_bar=False)
+            parameters={"metrics_dir": "metrics/smoke", "logs_dir": "logs/smoke", "out_dir": "figs-test"},
+            cwd=str(smoke_repo),
+            kernel_name=kernel, progress_bar=False)
     return out
 
 
@@ -105,7 +106,7 @@ def test_superclass_accuracies_weighted_by_samples_give_evaluates_fine_accuracy(
     acc = figures.superclass_accuracy(figures.load_judge(params)(s["images"])["fine_pred"], s["labels"],
                                       s["super_labels"], num_super)
     weights = np.bincount(s["super_labels"], minlength=num_super)
-    expected = json.loads(Path("metrics/finediffusion.json").read_text())["fine_accuracy"]
+    expected = json.loads(Path("metrics/smoke/finediffusion.json").read_text())["fine_accuracy"]
     assert float((acc * weights).sum() / weights.sum()) == pytest.approx(expected, abs=1e-12)
 
 
@@ -174,9 +175,10 @@ def test_npz_memmap_reads_what_np_load_reads(tmp_path):
 
 
 def test_runs_are_drawn_in_the_asked_order_and_absent_ones_skipped(tmp_path):
-    for run_name in ("b", "a", "c"):
+    for run_name in ("b", "a", "c", "z"):
         (tmp_path / f"{run_name}.json").write_text(json.dumps({"run": run_name}))
-    assert list(figures.load_metrics(tmp_path)) == ["a", "b", "c"]
+    profile = {"runs": {"b": {}, "a": {}, "c": {}, "missing": {}}}  # `z`: another profile's leftover
+    assert list(figures.load_metrics(tmp_path, figures.profile_runs(profile))) == ["a", "b", "c"]
     assert list(figures.load_metrics(tmp_path, ["c", "missing", "a"])) == ["c", "a"]
 
 
@@ -190,7 +192,7 @@ def test_loss_curves_read_what_dvclive_writes(tmp_path):
             live.log_metric("train/loss", loss)
         live.end()
     (tmp_path / "no_log").mkdir()
-    frames = figures.load_losses(tmp_path)
+    frames = figures.load_losses(tmp_path, ["no_log", "x", "y"])
     assert list(frames) == ["x", "y"]
     assert frames["x"]["loss"].tolist() == [3.0, 2.0, 1.5] and frames["y"]["loss"].tolist() == [5.0]
     assert frames["x"]["step"].tolist() == [25, 50, 75]

@@ -47,7 +47,8 @@ def test_finediffusion_inat256_structure_runs_at_tiny_size(tmp_path):
     """The profile as is, but tiny dims: an iNat-layout fixture, a tiny VAE in the SD folder layout,
     a tiny DiT checkpoint in the official key layout, random Inception weights."""
     from fixtures_real import build_inat
-    from random_weights import random_fid_inception_state, save_random_lpips_weights
+    from diffrepro.device_standin import random_fid_inception_state
+    from random_weights import save_random_lpips_weights
 
     from diffrepro.models.autoencoder import tiny_autoencoder
     from diffrepro.models.registry import build_model
@@ -57,6 +58,7 @@ def test_finediffusion_inat256_structure_runs_at_tiny_size(tmp_path):
     params["autoencoder"]["path"] = "models/sd-vae-ft-mse"
     params["features"]["inception_weights"] = "models/inception.pth"
     params["sample"].update(per_class=1, batch_size=8)
+    params["runs"] = {run: params["runs"][run] for run in ("finediffusion", "full_finetune")}  # the report's: all
     for run in [params["pretrain"], *params["runs"].values()]:
         run.update(model="DiT-tiny/2", steps=min(run["steps"], 2), batch_size=4, sample_steps=3, bf16=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -75,15 +77,16 @@ def test_finediffusion_inat256_structure_runs_at_tiny_size(tmp_path):
     for run in ("finediffusion", "full_finetune"):
         for stage in ("train", "sample", "evaluate"):
             _cli(tmp_path, stage, run)
+    _cli(tmp_path, "speed")
     _cli(tmp_path, "report")
 
     classes = json.loads((tmp_path / "data" / "prepared" / "classes.json").read_text())
     assert len(classes["classes"]) == 3 and classes["super_classes"] == ["Birds", "Fungi", "Plants"]
     config = json.loads((tmp_path / "models" / "finediffusion" / "config.json").read_text())
     assert config["model_kwargs"]["num_super_classes"] == 3 and config["delta_of"] == "models/pretrain"
-    fd = json.loads((tmp_path / "metrics" / "finediffusion.json").read_text())
-    ft = json.loads((tmp_path / "metrics" / "full_finetune.json").read_text())
+    fd = json.loads((tmp_path / "metrics" / "finediffusion_inat256" / "finediffusion.json").read_text())
+    ft = json.loads((tmp_path / "metrics" / "finediffusion_inat256" / "full_finetune.json").read_text())
     assert fd["num_samples"] == 3 and fd["fid"] >= 0
     # only the PEFT delta is stored: far smaller than the full fine-tuned model
     assert fd["train"]["checkpoint_bytes"] < ft["train"]["checkpoint_bytes"] / 2
-    assert "FineDiffusion" in (tmp_path / "reports" / "results.md").read_text()
+    assert "FineDiffusion" in (tmp_path / "reports" / "finediffusion_inat256" / "results.md").read_text()

@@ -52,7 +52,7 @@ def _arms(dropout: float) -> dict:
 # --lr=2e-4 --dropout=0.05 --augment=0 --real_p=0.5` + train.py defaults (200 Mimg, EMA 0.5 Mimg,
 # ramp 10 Mimg); generate.py `--steps=50`. `edm` = the same with real_p 1 (plain EDM).
 # AFHQv2-Wild: no official command; chosen = EDM's AFHQv2 recipe (dropout 0.25) + real_p 0.5
-# (shared/reference/patch_edm.md §2.2).
+# (docs/papers/patch_diffusion.md §2.2).
 OFFICIAL = {"patch_celeba64": ("celeba64", _arms(0.05)), "patch_afhqv2wild64": ("afhqv2wild_64", _arms(0.25))}
 
 
@@ -139,7 +139,8 @@ def test_patch_celeba64_structure_runs_at_tiny_size_on_unpacked_celeba(tmp_path)
     budget at batch 4 (edm 10 steps, patch round(40 / 7.6) = 5), 3 seed sets of 4 samples, random
     Inception and LPIPS weights in their real layouts."""
     from fixtures_real import CELEBA_PARTITION, build_celeba_tree
-    from random_weights import random_fid_inception_state, save_random_lpips_weights
+    from diffrepro.device_standin import random_fid_inception_state
+    from random_weights import save_random_lpips_weights
 
     params = compose("patch_celeba64", conf_dir=CONF)
     tiny = copy.deepcopy(params)
@@ -182,21 +183,23 @@ def test_patch_celeba64_structure_runs_at_tiny_size_on_unpacked_celeba(tmp_path)
                 for name in ("final", "final-set1", "final-set2")]
         assert all(s.shape == (4, 32, 32, 3) and s.dtype == np.uint8 for s in sets)
         assert not np.array_equal(sets[0], sets[1]) and not np.array_equal(sets[1], sets[2])  # own seeds
-    metrics = json.loads((tmp_path / "metrics" / "patch.json").read_text())
+    metrics = json.loads((tmp_path / "metrics" / "patch_celeba64" / "patch.json").read_text())
     assert len(metrics["fid_seed_sets"]) == 3 and metrics["num_samples"] == 4
     assert metrics["fid"] == metrics["fid_seed_sets"][0] and metrics["fid_min"] == min(metrics["fid_seed_sets"])
     assert (metrics["sampling"]["sampler"], metrics["sampling"]["sample_steps"]) == ("heun", 3)
     assert metrics["train"]["images_seen"] == trained["patch"]["images_seen"]
 
 
-def test_patch_afhqv2wild64_prepares_only_the_wild_images(tmp_path):
+def test_patch_afhqv2wild64_prepares_only_the_wild_images(tmp_path, monkeypatch):
     """The profile's data section on the afhq_v2 layout: one class, `wild`, train and test kept apart."""
     from fixtures_real import AFHQ_COUNTS, build_afhq
 
+    from diffrepro.prepare import prepare_stage
+
     params = compose("patch_afhqv2wild64", conf_dir=CONF)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     build_afhq(tmp_path / "data" / "raw")
-    _cli(tmp_path, "prepare")
+    monkeypatch.chdir(tmp_path)  # the stage itself: the CLI would first ask for the profile's weight files
+    prepare_stage(params)
     prepared = tmp_path / "data" / "prepared"
     assert [c["name"] for c in json.loads((prepared / "classes.json").read_text())["classes"]] == ["wild"]
     report = json.loads((prepared / "prepare_report.json").read_text())

@@ -18,10 +18,10 @@ def smoke_repo(tmp_path_factory):
 
 
 def test_smoke_profile_runs_every_stage_end_to_end(smoke_repo):
-    metrics = json.loads((smoke_repo / "metrics" / "dit.json").read_text())
+    metrics = json.loads((smoke_repo / "metrics" / "smoke" / "dit.json").read_text())
     assert metrics["num_samples"] == 32 and metrics["train"]["steps"] == 4
     assert [q["step"] for q in metrics["quality_vs_steps"]] == [2]
-    report = (smoke_repo / "reports" / "results.md").read_text()
+    report = (smoke_repo / "reports" / "smoke" / "results.md").read_text()
     assert "Profile `smoke`" in report and "DiT-tiny/2" in report
     lock = (smoke_repo / "dvc.lock").read_text()
     assert all(f"{stage}:" in lock for stage in STAGES)
@@ -49,3 +49,19 @@ def test_dag_shows_every_stage(smoke_repo):
     dag = run(smoke_repo, "dvc", "dag", "--md").stdout
     for stage in STAGES:
         assert stage in dag
+
+
+def test_two_processes_per_stage_reproduce_the_one_process_metrics(smoke_repo, tmp_path):
+    """Every computing stage through the launcher with 2 (gloo) processes: same global batches,
+    samples split across processes; only the order of floating-point reductions differs."""
+    two = make_repo(tmp_path / "two")
+    out = run(two, "dvc", "exp", "run", "-S", "profile=smoke", extra_env={"DIFFREPRO_NUM_PROCESSES": "2"}).stdout
+    assert "diffrepro.launch train dit" in out
+    for run_name in ("dit", "finediffusion"):
+        one = json.loads((smoke_repo / "metrics" / "smoke" / f"{run_name}.json").read_text())
+        both = json.loads((two / "metrics" / "smoke" / f"{run_name}.json").read_text())
+        assert both["num_samples"] == one["num_samples"]
+        assert both["train"]["images_seen"] == one["train"]["images_seen"]
+        assert both["train"]["final_loss"] == pytest.approx(one["train"]["final_loss"], rel=1e-4)
+        for metric in ("fid", "fine_accuracy", "super_accuracy"):
+            assert both[metric] == pytest.approx(one[metric], rel=0.02, abs=0.02), metric

@@ -108,7 +108,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_two_runs_of_the_chain_from_scratch_give_identical_metrics(replicas):
-    metrics = [json.loads((d / "metrics" / "dit.json").read_text()) for d in replicas]
+    metrics = [json.loads((d / "metrics" / "smoke" / "dit.json").read_text()) for d in replicas]
     for m in metrics:
         for section, key in WALL_CLOCK:
             assert m[section].pop(key) >= 0
@@ -126,7 +126,7 @@ def _copy_without(done: Path, dst: Path, *outputs: str) -> Path:
 
 def _left_behind(files: list[str], output: str, stage: str) -> list[str]:
     """Files under the output's final name, temporaries, or a stage record of the failed stage."""
-    return [f for f in files if f.startswith(output + "/") or ".tmp-" in f or f == f"logs/stages/{stage}.json"]
+    return [f for f in files if f.startswith(output + "/") or ".tmp-" in f or f == f"logs/stages/smoke/{stage}.json"]
 
 
 def test_a_full_disk_while_writing_npy_shards_fails_with_one_line_and_a_rerun_works(replicas, tmp_path):
@@ -142,7 +142,7 @@ def test_a_full_disk_while_writing_npy_shards_fails_with_one_line_and_a_rerun_wo
     assert _left_behind(failed["files"], "data/prepared", "prepare") == []
     assert rerun["rc"] == 0
     assert _files(work / "data/prepared") == _files(done / "data/prepared")
-    assert "logs/stages/prepare.json" in rerun["files"]
+    assert "logs/stages/smoke/prepare.json" in rerun["files"]
 
 
 def test_a_full_disk_while_saving_a_checkpoint_fails_with_one_line_and_a_rerun_works(replicas, tmp_path):
@@ -160,7 +160,7 @@ def test_a_full_disk_while_saving_a_checkpoint_fails_with_one_line_and_a_rerun_w
     assert rerun["rc"] == 0
     weights = lambda d: {k: v for k, v in _files(d / "models/dit").items() if k.endswith(".safetensors")}  # noqa: E731
     assert weights(work) == weights(done)
-    record = json.loads((work / "logs/stages/train@dit.json").read_text())
+    record = json.loads((work / "logs/stages/smoke/train@dit.json").read_text())
     assert record["stage"] == "train@dit" and record["via_dvc"] is False
     assert 0 < record["wall_seconds"] <= rerun["seconds"]
 

@@ -72,8 +72,33 @@ def test_large_integral_numbers_print_without_exponents():
     assert report._fmt(1000.0) == "1,000" and report._fmt(61632) == "61,632" and report._fmt(0.1234) == "0.123"
 
 
-def test_figures_show_seed_zero_unless_runs_are_named():
-    from diffrepro.figures import select
+def test_figures_show_the_profiles_runs_at_seed_zero_unless_runs_are_named():
+    from diffrepro.figures import profile_runs, select
 
-    assert select(["dit_seed1", "edm", "dit"], None) == ["dit", "edm"]
-    assert select(["dit_seed1", "edm", "dit"], ["dit_seed1", "dit"]) == ["dit_seed1", "dit"]
+    params = {"runs": {"edm": {}, "dit": {}, "dit_seed1": {}}}
+    assert profile_runs(params) == ["dit", "edm"]
+    assert profile_runs(params, with_pretrain=True) == ["dit", "edm", "pretrain"]
+    assert profile_runs(params, ["dit_seed1", "dit"]) == ["dit_seed1", "dit"]
+    assert select(["dit_seed1", "edm", "dit", "bitfit"], ["dit_seed1", "dit", "absent"]) == ["dit_seed1", "dit"]
+
+
+def test_front_page_lists_each_decidable_claim_with_the_papers_numbers_and_the_verdict():
+    summary = report.claims_summary(_runs(dimr=[10.0, 11.0], dit=[14.0, 15.0]), "dimr_g2r_imagenet256")
+    rows = [line for line in summary.splitlines()[2:]]
+    assert rows == ["| dimr | DiMR beats DiT at matched compute (FID) | 1.63 vs 2.27 | 10.5 vs 14.5 (2, 2) | held |"]
+
+
+@pytest.mark.parametrize(("rounds", "expected"), [((1.2, 1.4, 1.6), "held"), ((0.7, 0.8, 0.9), "not held"),
+                                                  ((0.9, 1.3, 1.5), "inconclusive")])
+def test_a_speed_claim_holds_only_when_every_interleaved_round_agrees(rounds, expected):
+    ratio = {"median": sorted(rounds)[1], "min": min(rounds), "max": max(rounds), "rounds": list(rounds)}
+    assert report.speed_verdict(ratio).startswith(expected)
+    speed = {"pairs": {"finediffusion_vs_full_finetune": {"method": "finediffusion", "baseline": "full_finetune",
+                                                          "per_step": ratio}}}
+    summary = report.claims_summary({}, "default", speed).splitlines()[2:]
+    assert summary == [f"| finediffusion | FineDiffusion trains faster per step than full fine-tuning | 1.56× | "
+                       f"{report._fmt(ratio['median'])}× [{report._fmt(min(rounds))}–{report._fmt(max(rounds))}] "
+                       f"(median [range] over interleaved rounds) | {report.speed_verdict(ratio)} |"]
+    frame = report.results_frame(_runs(finediffusion=[20.0], full_finetune=[12.0]), speed=speed)
+    speedup = frame[frame.metric == "speedup"].set_index("run").value
+    assert speedup["finediffusion"] == pytest.approx(ratio["median"]) and speedup["full_finetune"] == 1.0

@@ -25,6 +25,7 @@ from diffrepro.diffusion.gaussian import GaussianDiffusion, guided_model_fn, mak
 from diffrepro.errors import UserError
 from diffrepro.runs import build_network
 from diffrepro.sample import RunSampler
+from pipeline_repo import stage_in
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -90,7 +91,7 @@ def _tiny_dit_sampler_inputs():
     config = {"model": "DiT-tiny/2", "method": "dit", "method_kwargs": {"class_dropout": 0.1},
               "diffusion": "gaussian", "schedule": "linear", "model_kwargs": kwargs}
     cfg = {"sampler": "ddim", "sample_steps": 5, "guidance_scale": 3.0, "guided_channels": None,
-           "guidance_schedule": "increasing", "guidance_power": 2.0}
+           "guidance_schedule": "increasing", "guidance_power": 2.0, "bf16": False}
     return model.eval(), config, cfg
 
 
@@ -125,18 +126,6 @@ def test_edm_runs_reject_the_increasing_schedule_naming_the_key():
 PER_CLASS, BATCH, SEED_SETS, CLASSES = 4, 4, 2, 16  # the smoke data has 16 fine classes
 
 
-def _stage(workdir: Path, *args: str) -> None:
-    """`python -m diffrepro ARGS` in this process (one torch import for the whole module)."""
-    from diffrepro.cli import main
-
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
-        main(list(args))
-    finally:
-        os.chdir(cwd)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """The smoke profile's `dit` run trained (with one snapshot), sampling in chunks of 4 images,
@@ -151,8 +140,8 @@ def trained(tmp_path_factory) -> Path:
     params["runs"]["dit"].update(sample_steps=5)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     for stage in ("download", "prepare", "autoencoder", "extract-latents", "features"):
-        _stage(work, stage)
-    _stage(work, "train", "dit")
+        stage_in(work, stage)
+    stage_in(work, "train", "dit")
     yield work
     torch.set_num_threads(threads)
 
@@ -162,8 +151,8 @@ def straight(trained, tmp_path_factory) -> Path:
     """An uninterrupted sample + evaluate of the trained run."""
     work = tmp_path_factory.mktemp("straight") / "repo"
     shutil.copytree(trained, work)
-    _stage(work, "sample", "dit")
-    _stage(work, "evaluate", "dit")
+    stage_in(work, "sample", "dit")
+    stage_in(work, "evaluate", "dit")
     return work
 
 
@@ -198,7 +187,7 @@ def test_seed_sets_use_offset_indices_and_evaluate_reports_their_minimum(straigh
         assert np.array_equal(saved["labels"], labels)
     assert not np.array_equal(sets[0]["images"], sets[1]["images"])
 
-    metrics = json.loads(Path("metrics/dit.json").read_text())
+    metrics = json.loads(Path("metrics/smoke/dit.json").read_text())
     reference = tuple(np.load("models/features/reference_stats.npz")[k] for k in ("mu", "sigma"))
     net = FeatureNet.load(params)
     fids = [frechet_distance(feature_statistics(net(s["images"])["features"]), reference) for s in sets]
@@ -225,7 +214,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_samples_bit_for_bit(trained
     assert not (killed / "samples" / "dit").exists(), "the stage finished before it could be killed"
     assert 0 < len(list(chunks.glob("*/chunk-*.npy"))) < total
 
-    _stage(killed, "sample", "dit")  # the resume: a fresh run of the stage over the kept chunks
+    stage_in(killed, "sample", "dit")  # the resume: a fresh run of the stage over the kept chunks
     names = sorted(p.name for p in (straight / "samples" / "dit").glob("*.npz"))
     assert names == sorted(p.name for p in (killed / "samples" / "dit").glob("*.npz"))
     for name in names:

@@ -21,7 +21,7 @@ from diffrepro.profiles import compose
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SD_DIR = "models/stable-diffusion-v1-4"
-# shared/reference/immiscible.md §4 (Linear_Assignment-stable_diffusion/train_{scratch,ft}.sh, the
+# docs/papers/immiscible.md §4 (Linear_Assignment-stable_diffusion/train_{scratch,ft}.sh, the
 # diffusers train_text_to_image defaults they keep, generate.py); bf16 is this repo's choice (official fp16).
 COMMON_RECIPE = {"model": "sd-v1.4-unet", "method": "dit", "method_kwargs": {"class_dropout": 0.0},
                  "diffusion": "gaussian", "schedule": "scaled_linear", "space": "latent", "split": "train",
@@ -157,8 +157,8 @@ def test_immiscible_arm_pairs_the_twins_noise_by_assignment(workspace):
 
     immiscible, vanilla = _trainer(workspace, "immiscible"), _trainer(workspace, "vanilla")
     for step in range(3):
-        x0, labels, t, noise, _, _ = immiscible.global_batch(step)
-        x0_v, labels_v, t_v, drawn, _, _ = vanilla.global_batch(step)
+        x0, labels, t, noise, _ = immiscible.on_device(immiscible.draw(step))
+        x0_v, labels_v, t_v, drawn, _ = vanilla.on_device(vanilla.draw(step))
         assert torch.equal(x0, x0_v) and torch.equal(labels, labels_v) and torch.equal(t, t_v)
         match = (noise.flatten(1)[:, None] == drawn.flatten(1)[None]).all(-1)  # row i of noise = row j of drawn
         assert match.sum(0).tolist() == match.sum(1).tolist() == [1] * len(x0)  # a permutation
@@ -171,7 +171,7 @@ def test_generic_training_loss_is_sds_ddpm_epsilon_objective(workspace):
     from diffrepro.models.sd_unet import sd_noise_scheduler
 
     trainer = _trainer(workspace, "immiscible_scratch")
-    x0, labels, t, noise, extra, _ = trainer.global_batch(0)
+    x0, labels, t, noise, extra = trainer.on_device(trainer.draw(0))
     loss = trainer.loss(x0, labels, t, noise, extra)
     unet, context = trainer.model.unet, trainer.model.class_context
     with torch.no_grad():

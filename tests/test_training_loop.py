@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -92,7 +93,7 @@ def test_two_processes_follow_the_one_process_loss_trajectory(workspace, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     def losses(workdir):
-        tsv = workdir / "logs" / "dit" / "plots" / "metrics" / "train" / "loss.tsv"
+        tsv = workdir / "logs" / "smoke" / "dit" / "plots" / "metrics" / "train" / "loss.tsv"
         return [float(row["loss"]) for row in csv.DictReader(tsv.open(), delimiter="\t")]
 
     l1, l2 = losses(one), losses(two)
@@ -102,3 +103,80 @@ def test_two_processes_follow_the_one_process_loss_trajectory(workspace, tmp_pat
     a, b = _weights(one), _weights(two)
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def _train_in_process(workdir: Path, monkeypatch, run: str = "dit", **env) -> int:
+    """`python -m diffrepro.launch train RUN` in this process (one process: the launcher runs it here)."""
+    from diffrepro.launch import main as launch
+
+    monkeypatch.chdir(workdir)
+    for key, value in {"DIFFREPRO_NUM_PROCESSES": "1", **env}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        launch(["train", run])
+    except SystemExit as stop:
+        return stop.code
+    return 0
+
+
+def _losses(workdir: Path) -> list[float]:
+    tsv = workdir / "logs" / "smoke" / "dit" / "plots" / "metrics" / "train" / "loss.tsv"
+    return [float(row["loss"]) for row in csv.DictReader(tsv.open(), delimiter="\t")]
+
+
+def test_micro_batches_with_accumulation_give_the_whole_batch_update(workspace, tmp_path, monkeypatch):
+    changes = {"steps": 6, "batch_size": 8, "eval_at": []}
+    whole = _with_run(workspace, tmp_path / "whole", **changes)
+    assert _train_in_process(whole, monkeypatch) == 0
+    micro = _with_run(workspace, tmp_path / "micro", **changes)
+    assert _train_in_process(micro, monkeypatch, DIFFREPRO_BATCH_PER_DEVICE="2") == 0  # 4 micro-batches
+    assert _losses(whole) == pytest.approx(_losses(micro), rel=1e-5)
+    a, b = _weights(whole), _weights(micro)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not all(torch.equal(a[k], b[k]) for k in a), "4 partial sums should round differently somewhere"
+
+
+def test_a_spent_time_budget_pauses_with_status_75_and_the_next_run_resumes_exactly(workspace, tmp_path,
+                                                                                     monkeypatch):
+    changes = {"steps": 12, "checkpoint_every": 4, "eval_at": []}
+    straight = _with_run(workspace, tmp_path / "straight", **changes)
+    assert _train_in_process(straight, monkeypatch) == 0
+    paused = _with_run(workspace, tmp_path / "paused", **changes)
+    assert _train_in_process(paused, monkeypatch, DIFFREPRO_TRAIN_SECONDS="0.001") == 75
+    assert not (paused / "models" / "dit").exists()
+    assert torch.load(paused / "checkpoints" / "dit" / "last.pt", weights_only=True)["step"] == 4
+    monkeypatch.delenv("DIFFREPRO_TRAIN_SECONDS")
+    assert _train_in_process(paused, monkeypatch) == 0
+    a, b = _weights(straight), _weights(paused)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_speed_pairs_are_timed_interleaved_and_their_ratios_agree_with_each_other(workspace, monkeypatch):
+    """One speed pair on the smoke data: every round yields the three ratios, and they obey the
+    identities that link them (same batch: per image = per step; to the budget = per step × the
+    runs' step counts)."""
+    from diffrepro import speed
+
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    base = {**params["runs"]["dit"], "init_from": "data/latents", "eval_at": []}
+    params["runs"] = {"finediffusion": {**base, "method": "finediffusion", "steps": 30},
+                      "full_finetune": {**base, "method": "full_finetune", "steps": 60}}
+    params["speed"] = {"rounds": 3, "steps": 2, "warmup": 1}
+    monkeypatch.chdir(workspace)
+    order = []
+    real_round = speed.timed_round
+    monkeypatch.setattr(speed, "timed_round", lambda t, first, steps: order.append((t.run, first)) or
+                        real_round(t, first, steps))
+    speed.speed_stage(params)
+    result = json.loads(speed.speed_file(params).read_text())
+    assert result["params_sha256"] == speed.speed_fingerprint(params)
+    pair = result["pairs"]["finediffusion_vs_full_finetune"]
+    assert (pair["method"], pair["baseline"]) == ("finediffusion", "full_finetune")
+    for k in range(3):
+        per_step = pair["per_step"]["rounds"][k]
+        assert pair["per_image"]["rounds"][k] == pytest.approx(per_step)
+        assert pair["to_budget"]["rounds"][k] == pytest.approx(per_step * 60 / 30)
+    assert pair["per_step"]["min"] <= pair["per_step"]["median"] <= pair["per_step"]["max"]
+    assert order == [("finediffusion", 0), ("full_finetune", 0),  # warm-up, then alternating rounds
+                     ("finediffusion", 1), ("full_finetune", 1), ("full_finetune", 3), ("finediffusion", 3),
+                     ("finediffusion", 5), ("full_finetune", 5)]

@@ -16,6 +16,7 @@ import numpy as np
 
 from diffrepro.atomic import atomic_path
 from diffrepro.errors import UserError
+from diffrepro.inputs import read_npz
 
 
 def default_path(run: str) -> Path:
@@ -27,13 +28,11 @@ def default_path(run: str) -> Path:
 def read_samples(samples_npz: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of a sample stage's npz, checked to be uint8 (N, H, W, 3) with N labels."""
     samples_npz = Path(samples_npz)
-    if not samples_npz.exists():
-        raise UserError(f"{samples_npz} is missing: run `dvc repro sample@{samples_npz.parent.name}` first")
-    with np.load(samples_npz) as npz:
-        if "images" not in npz or "labels" not in npz:
-            raise UserError(f"{samples_npz} has keys {sorted(npz.files)}, not images/labels: it was not "
-                            f"written by the sample stage; re-run it")
-        images, labels = npz["images"], npz["labels"]
+    npz = read_npz(samples_npz, f"dvc repro sample@{samples_npz.parent.name}")
+    if "images" not in npz or "labels" not in npz:
+        raise UserError(f"{samples_npz} has keys {sorted(npz)}, not images/labels: it was not "
+                        f"written by the sample stage; re-run it")
+    images, labels = npz["images"], npz["labels"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(labels) != len(images):
         raise UserError(f"{samples_npz}: images are {images.dtype} {images.shape} with {len(labels)} labels; "
                         f"the ADM evaluator needs uint8 (N, H, W, 3) RGB: re-run the sample stage")

@@ -2,7 +2,7 @@
 
 Each stage reads params.yaml itself (only its own section); errors that a user can fix (a full
 disk included) are printed as one line and exit with status 2. A stage that succeeds records its
-wall time and peak memory in `logs/stages/<stage>.json` (benchmarks/ tabulates them).
+wall time and peak memory in `logs/stages/<profile>/<stage>.json` (benchmarks/ tabulates them).
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from diffrepro.errors import OUT_OF_ROOM, DiskFullError, UserError
+from diffrepro.errors import OUT_OF_ROOM, DiskFullError, TrainingPaused, UserError
+from diffrepro.paths import PAUSED_EXIT_CODE
 
 STAGE_RECORDS = Path("logs/stages")
 
 
 @contextlib.contextmanager
-def stage_record(name: str, records_dir: Path = STAGE_RECORDS):
+def stage_record(name: str, records_dir: Path):
     """Write `<records_dir>/<name>.json` (wall seconds, peak RSS) if the block succeeds.
 
     Peak RSS is the kernel's high-water mark of this process (VmHWM) and of its largest finished
@@ -61,11 +62,13 @@ def _stage(command: str, module: str, function: str, with_run: bool = False):
         import importlib
 
         from diffrepro.config import load_params
+        from diffrepro.preflight import preflight
 
         # DVC names the stage it runs (train@dit, pretrain, extract_latents); by hand: command@run
         name = os.environ.get("DVC_STAGE") or (f"{command}@{args.run}" if with_run else command)
-        with stage_record(name):
-            params = load_params(args.params)
+        params = load_params(args.params)
+        with stage_record(name, STAGE_RECORDS / params["profile"]):
+            preflight(params)
             fn = getattr(importlib.import_module(f"diffrepro.{module}"), function)
             if with_run:
                 fn(params, args.run)
@@ -84,7 +87,9 @@ STAGES = {
     "train": ("train", "train_stage", True, "train one run"),
     "sample": ("sample", "sample_stage", True, "sample one run"),
     "evaluate": ("evaluate", "evaluate_stage", True, "score one run's samples"),
-    "report": ("report", "report_stage", False, "write reports/results.md and results.csv"),
+    "speed": ("speed", "speed_stage", False, "the speed claims, method and baseline interleaved"),
+    "figures": ("notebooks", "figures_stage", False, "execute the notebooks: one PNG each in REPORT_DIR/plots"),
+    "report": ("report", "report_stage", False, "write REPORT_DIR/results.md and results.csv"),
 }
 
 
@@ -144,11 +149,17 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        return
     except OSError as err:  # a write outside atomic_path ran out of room: the same one line
         if err.errno not in OUT_OF_ROOM:
             raise
-        print(f"error: {DiskFullError(err.filename or 'a file', OUT_OF_ROOM[err.errno])}", file=sys.stderr)
-        sys.exit(2)
+        message = str(DiskFullError(err.filename or "a file", OUT_OF_ROOM[err.errno]))
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        message = str(err)
+    except TrainingPaused as pause:
+        print(f"paused: {pause}", file=sys.stderr)
+        sys.exit(PAUSED_EXIT_CODE)
+    # Exit only after the except block: the failed stage's frames, and what they hold (accelerator,
+    # dvclive, worker threads), are released now, not at interpreter shutdown where they fail noisily.
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

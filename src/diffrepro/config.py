@@ -1,8 +1,9 @@
 """params.yaml: loading, validation against one schema, and per-stage sections.
 
 Every stage reads only its own section (plus the global `seed`). Validation happens before any
-work: an unknown key, a wrong type, a negative size, an unknown method or model stops the stage
-with one line naming the key.
+work: an unknown key, a wrong type, a value out of its range (every param that divides, indexes
+or loops, checked with the params it depends on), an unknown method or model stops the stage with
+one line naming the key.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from diffrepro.data.synthetic import HUES_PER_FAMILY, SHAPE_FAMILIES
 from diffrepro.errors import UserError
 
 PARAMS_FILE = "params.yaml"
@@ -53,6 +55,7 @@ RUN_SCHEMA: dict[str, Any] = {
 SCHEMA: dict[str, Any] = {
     "seed": int,
     "profile": str,
+    "needs_gpu": bool,       # a paper profile: its stages refuse to start without CUDA (see preflight.py)
     "data": {
         "dataset": str,
         "image_size": int,
@@ -75,15 +78,34 @@ SCHEMA: dict[str, Any] = {
     "runs": {"*": RUN_SCHEMA},
     "sample": {"per_class": int, "batch_size": int, "grid_classes": int,
                "seed_sets": int},   # independent final sample sets (EDM: FID = min over 3)
+    "speed": {"rounds": int, "steps": int, "warmup": int},  # the interleaved speed measurements (speed.py)
     "evaluate": {"diversity_pairs": int, "lpips_weights": str, "alexnet_weights": str},
-    "report": {"title": str},
+    "report": {"title": str,
+               "dir": str},  # results.md, results.csv, plots/, figures/ (the default's: reports/)
 }
 
-POSITIVE_INTS = {"image_size", "images_per_class", "heldout_per_class", "batch_size",
-                 "num_super", "per_class", "sample_steps", "seed_sets", "diversity_pairs"}
-NON_NEGATIVE_INTS = {"steps", "warmup_steps"}  # steps 0: adopt `init_from` as is (official weights)
+POSITIVE_INTS = {"image_size", "images_per_class", "heldout_per_class", "batch_size", "num_super",
+                 "base_per_family", "base_images_per_class", "small_subset_per_class", "latent_channels",
+                 "layers_per_block", "width", "log_every", "checkpoint_every", "guided_channels", "per_class",
+                 "sample_steps", "grid_classes", "seed_sets", "diversity_pairs"}
+NON_NEGATIVE_INTS = {"steps", "warmup_steps",  # steps 0: adopt `init_from` as is (official weights)
+                     "seed", "num_workers", "warmup"}
 POSITIVE_FLOATS = {"guidance_power"}
-CHOICES = {"guidance_schedule": ("constant", "increasing")}
+NON_NEGATIVE_FLOATS = {"lr", "weight_decay", "grad_clip", "kl_weight", "guidance_scale"}
+UNIT_INTERVAL = {"ema_decay"}
+GAUSSIAN_SAMPLERS = ("ddpm", "ddim", "dpm_solver", "pndm")
+EDM_SAMPLERS = ("heun",)
+CHOICES = {  # every closed choice (tests/test_config.py keeps them equal to what the code implements)
+    "guidance_schedule": ("constant", "increasing"),
+    "sampler": GAUSSIAN_SAMPLERS + EDM_SAMPLERS,
+    "assignment": ("none", "lsa", "lsa_global", "knn"),
+    "space": ("latent", "pixel"),
+    "diffusion": ("gaussian", "edm"),
+    "schedule": ("linear", "scaled_linear"),
+    "method": ("dit", "finediffusion", "full_finetune", "bitfit", "difffit", "dimr", "edm", "patch"),
+}
+KINDS = {"autoencoder": ("tiny", "sd_vae"), "features": ("judge", "inception")}  # the `kind` of a section
+DEFAULT_REPORT_DIR = Path("reports")  # the default profile's; every other profile reports elsewhere
 
 
 def _type_name(t) -> str:
@@ -118,8 +140,9 @@ def _check(value: Any, schema: Any, where: str, source: str) -> None:
     else:
         ok = isinstance(value, expected)
     if not ok:
-        raise UserError(f"{source}: `{where}` must be {_type_name(schema)}, got "
-                        f"{type(value).__name__} {value!r} (write floats like 1.0e-3, not 1e-3)")
+        raise UserError(f"{source}: `{where}` must be {_type_name(schema)}, got {type(value).__name__} {value!r}"
+                        + (" (YAML reads 1e-3 as a string: write floats like 1.0e-3)"
+                           if float in expected and _looks_like_float(value) else ""))
     leaf = where.rsplit(".", 1)[-1]
     if leaf in POSITIVE_INTS and isinstance(value, int) and value <= 0:
         raise UserError(f"{source}: `{where}` must be a positive integer, got {value}")
@@ -127,12 +150,72 @@ def _check(value: Any, schema: Any, where: str, source: str) -> None:
         raise UserError(f"{source}: `{where}` must be a non-negative integer, got {value}")
     if leaf in POSITIVE_FLOATS and value <= 0:
         raise UserError(f"{source}: `{where}` must be a positive number, got {value}")
-    if leaf in CHOICES and value not in CHOICES[leaf]:
-        raise UserError(f"{source}: `{where}` must be one of {', '.join(CHOICES[leaf])}, got {value!r}")
+    if leaf in NON_NEGATIVE_FLOATS and value < 0:
+        raise UserError(f"{source}: `{where}` must be a non-negative number, got {value}")
+    if leaf in UNIT_INTERVAL and not 0 <= value <= 1:
+        raise UserError(f"{source}: `{where}` must be between 0 and 1, got {value}")
+    choices = KINDS.get(where.split(".")[0]) if leaf == "kind" else CHOICES.get(leaf)
+    if choices is not None and value not in choices:
+        raise UserError(f"{source}: `{where}` must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _looks_like_float(value) -> bool:
+    """A string that reads as a number, such as 1e-3 (YAML 1.1 wants a dot: 1.0e-3)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_run(cfg: dict, where: str, source: str) -> None:
+    """The ranges of one run that depend on another of its params, or hold a list."""
+    for step in cfg["eval_at"]:
+        if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= cfg["steps"]:
+            raise UserError(f"{source}: `{where}.eval_at` entries must be steps in 1..{where}.steps "
+                            f"({cfg['steps']}), got {step!r}")
+    samplers = EDM_SAMPLERS if cfg["diffusion"] == "edm" else GAUSSIAN_SAMPLERS
+    if cfg["sampler"] not in samplers:
+        raise UserError(f"{source}: `{where}.sampler` must be one of {', '.join(samplers)} for a "
+                        f"{cfg['diffusion']} run, got {cfg['sampler']!r}")
+    if cfg["sampler"] == "pndm" and cfg["schedule"] != "scaled_linear":
+        raise UserError(f"{source}: `{where}.sampler` pndm is SD v1.4's scheduler: set `{where}.schedule` "
+                        f"to scaled_linear, got {cfg['schedule']!r}")
+    betas = cfg["betas"]
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                  for b in betas):
+        raise UserError(f"{source}: `{where}.betas` must be two numbers in [0, 1), got {betas!r}")
+
+
+def _check_ranges(params: dict, source: str) -> None:
+    """Ranges that involve more than one param, or a list, or a limit of the code."""
+    if "pretrain" in params:
+        _check_run(params["pretrain"], "pretrain", source)
+    for name, cfg in params.get("runs", {}).items():
+        _check_run(cfg, f"runs.{name}", source)
+    synthetic = params.get("data", {}).get("synthetic", {})
+    for key, limit in (("num_super", len(SHAPE_FAMILIES)), ("base_per_family", HUES_PER_FAMILY)):
+        if synthetic.get(key, 1) > limit:
+            raise UserError(f"{source}: `data.synthetic.{key}` must be at most {limit}, got {synthetic[key]}")
+    channels = params.get("autoencoder", {}).get("block_out_channels", [1])
+    if not channels or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
+        raise UserError(f"{source}: `autoencoder.block_out_channels` must be a non-empty list of positive "
+                        f"integers, got {channels!r}")
+    speed = params.get("speed", {})
+    for key in ("rounds", "steps"):
+        if speed.get(key, 1) < 1:
+            raise UserError(f"{source}: `speed.{key}` must be a positive integer, got {speed[key]}")
+    report_dir = params.get("report", {}).get("dir")
+    if report_dir is not None and Path(report_dir) == DEFAULT_REPORT_DIR and params.get("profile") != "default":
+        raise UserError(f"{source}: `report.dir` of profile {params.get('profile')!r} must not be "
+                        f"{DEFAULT_REPORT_DIR}/ (the default profile's report); use {DEFAULT_REPORT_DIR}/<profile>")
 
 
 def validate(params: dict, source: str = PARAMS_FILE) -> dict:
     _check(params, SCHEMA, "", source)
+    _check_ranges(params, source)
     return params
 
 
@@ -145,6 +228,20 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict:
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     return validate(params or {}, str(path))
+
+
+def metrics_dir(params: dict) -> Path:
+    """Where `evaluate@RUN` writes the profile's metrics: one folder per profile, so they never mix."""
+    return Path("metrics") / params["profile"]
+
+
+def metrics_file(params: dict, run: str) -> Path:
+    return metrics_dir(params) / f"{run}.json"
+
+
+def logs_dir(params: dict) -> Path:
+    """The profile's dvclive logs (`<run>/`) and stage records (`stages/`), apart from other profiles'."""
+    return Path("logs") / params["profile"]
 
 
 def run_params(params: dict, run: str) -> dict:

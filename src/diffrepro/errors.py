@@ -13,6 +13,10 @@ class UserError(Exception):
     """A problem the user can fix (bad param, missing file, corrupt data); the message says how."""
 
 
+class TrainingPaused(Exception):
+    """A training process spent its wall-time budget after writing its checkpoint: not a failure."""
+
+
 class DiskFullError(UserError):
     """A write ran out of room (full disk, quota or file-size limit) while `path` was being written."""
 

@@ -9,6 +9,8 @@
   paper's LPIPS diversity (`lpips.py`: mean LPIPS over within-class sample pairs).
 - With several seed sets (EDM's protocol): the FID of each and their minimum; `fid` stays set 0's.
 - The same FID/accuracy at every training snapshot (quality vs training steps).
+Writes `metrics/<profile>/<run>.json` with the fingerprint of the params it was produced under
+(`params_sha256`), which the report checks against params.yaml.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffrepro import fingerprint
 from diffrepro.atomic import atomic_path
-from diffrepro.config import run_params
+from diffrepro.config import metrics_file, run_params
 from diffrepro.data import shards
 from diffrepro.data.synthetic import hue_error, object_hue
-from diffrepro.errors import UserError
 from diffrepro.features import FeatureNet, feature_statistics, frechet_distance, heldout_sample
+from diffrepro.inputs import read_json, read_npz
 from diffrepro.models.info import count_gmacs
+from diffrepro.runs import train_command
 from diffrepro.sample import final_set_name
 
 FEATURES_DIR = Path("models/features")
@@ -61,21 +65,19 @@ def score_samples(net: FeatureNet, images, labels, supers, reference, classes: d
 
 def evaluate_stage(params: dict, run: str) -> None:
     cfg = run_params(params, run)
-    sample_dir = Path("samples") / run
-    if not (sample_dir / "final.npz").exists():
-        raise UserError(f"{sample_dir}/final.npz is missing: run `dvc repro sample@{run}`")
+    sample_dir, resample = Path("samples") / run, f"dvc repro sample@{run}"
     prepared = Path(params["data"]["prepared_dir"])
     classes = shards.read_classes(prepared) if cfg["split"] != "base" else None
-    ref = np.load(FEATURES_DIR / "reference_stats.npz")
+    ref = read_npz(FEATURES_DIR / "reference_stats.npz", "dvc repro features")
     reference = (ref["mu"], ref["sigma"])
-    net = FeatureNet.load(params)
-    with np.load(sample_dir / "final.npz") as npz:
-        images, labels, supers = npz["images"], npz["labels"], npz["super_labels"]
+    net = FeatureNet.load(params, device="cuda" if torch.cuda.is_available() else "cpu")  # 50k Inception passes
+    final = read_npz(sample_dir / "final.npz", resample)
+    images, labels, supers = final["images"], final["labels"], final["super_labels"]
     metrics = {"run": run, "model": cfg["model"], "method": cfg["method"], "assignment": cfg["assignment"],
                "init_from": cfg["init_from"], "split": cfg["split"]}
     scores, features = score_samples(net, images, labels, supers, reference, classes)
     metrics.update(scores)
-    sampling = json.loads((sample_dir / "sampling.json").read_text())
+    sampling = read_json(sample_dir / "sampling.json", resample)
     if sampling["seed_sets"] > 1:
         metrics["fid_seed_sets"] = [scores["fid"]] + [
             _set_fid(net, sample_dir / f"{final_set_name(k)}.npz", reference) for k in range(1, sampling["seed_sets"])]
@@ -94,15 +96,15 @@ def evaluate_stage(params: dict, run: str) -> None:
         metrics["diversity"] = spread / real_spread if spread is not None and real_spread else None
     metrics["quality_vs_steps"] = []
     for snap in sorted(sample_dir.glob("step-*.npz")):
-        with np.load(snap) as npz:
-            s, _ = score_samples(net, npz["images"], npz["labels"], npz["super_labels"], reference, classes)
+        npz = read_npz(snap, resample)
+        s, _ = score_samples(net, npz["images"], npz["labels"], npz["super_labels"], reference, classes)
         metrics["quality_vs_steps"].append({"step": int(snap.stem.split("-")[1]), **s})
-    train_metrics = json.loads((Path("models") / run / "train_metrics.json").read_text())
-    metrics["train"] = train_metrics
+    metrics["train"] = read_json(Path("models") / run / "train_metrics.json", train_command(run))
     metrics["sampling"] = sampling
     metrics["samples_sha256"] = tree_digest(sample_dir)
     metrics["gmacs"] = _run_gmacs(run)
-    with atomic_path(Path("metrics") / f"{run}.json") as tmp:
+    metrics["params_sha256"] = fingerprint.metrics(params, run)
+    with atomic_path(metrics_file(params, run)) as tmp:
         tmp.write_text(json.dumps(metrics, indent=1))
 
 
@@ -120,11 +122,8 @@ def tree_digest(folder: Path) -> str:
 
 
 def _set_fid(net: FeatureNet, path: Path, reference) -> float:
-    if not path.exists():
-        raise UserError(f"{path} is missing although sampling.json lists it: "
-                        f"re-run `dvc repro sample@{path.parent.name}`")
-    with np.load(path) as npz:
-        return frechet_distance(feature_statistics(net(npz["images"])["features"]), reference)
+    images = read_npz(path, f"dvc repro sample@{path.parent.name}")["images"]
+    return frechet_distance(feature_statistics(net(images)["features"]), reference)
 
 
 def _run_gmacs(run: str) -> float:

@@ -9,6 +9,7 @@ split once, so every run's FID reuses them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -18,12 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_fid.fid_score import calculate_frechet_distance
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from diffrepro.atomic import atomic_path
 from diffrepro.data import shards
 from diffrepro.errors import UserError
+from diffrepro.inputs import read_json, read_safetensors
 from diffrepro.models.autoencoder import load_autoencoder, to_uint8, to_unit_range
 from diffrepro.models.judge import Judge
 
@@ -39,17 +41,24 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def split_statistics(net: "FeatureNet", split_dir: Path, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def split_statistics(net: "FeatureNet", split_dir: Path, chunk: int = 4096,
+                     accelerator=None) -> tuple[np.ndarray, np.ndarray]:
     """(μ, Σ) of a whole split's features, streamed chunk by chunk (float64 running sums), so a
-    paper-scale reference set never has to fit in memory."""
+    paper-scale reference set never has to fit in memory. With an accelerator, process k takes
+    chunks k, k + N, ... and the sums are added across processes."""
     split = shards.ShardedSplit(split_dir)
-    n, total, outer = 0, None, None
-    for start in range(0, len(split), chunk):
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    dim = net(split.take(np.arange(1))["images"])["features"].shape[1]  # a process may get no chunk
+    n, total, outer = 0, np.zeros(dim), np.zeros((dim, dim))
+    for start in range(0, len(split), chunk)[rank::world]:
         f = net(split.take(np.arange(start, min(start + chunk, len(split))))["images"])["features"]
         f = f.astype(np.float64)
-        total = f.sum(0) if total is None else total + f.sum(0)
-        outer = f.T @ f if outer is None else outer + f.T @ f
+        total = total + f.sum(0)
+        outer = outer + f.T @ f
         n += len(f)
+    if world > 1:
+        sums = [torch.as_tensor(np.asarray(v, np.float64), device=accelerator.device) for v in (n, total, outer)]
+        n, total, outer = (accelerator.reduce(v, "sum").cpu().numpy() for v in sums)
     mu = total / n
     return mu, (outer - n * np.outer(mu, mu)) / (n - 1)
 
@@ -62,33 +71,37 @@ def frechet_distance(stats_a, stats_b) -> float:
 class FeatureNet:
     """Features and class predictions of uint8 NHWC images, whichever network the profile uses."""
 
-    def __init__(self, kind: str, judge: Judge | None = None, inception=None):
-        self.kind, self.judge, self.inception = kind, judge, inception
+    def __init__(self, kind: str, judge: Judge | None = None, inception=None, device="cpu"):
+        self.kind, self.device = kind, torch.device(device)
+        self.judge = judge.to(self.device) if judge is not None else None
+        self.inception = inception.to(self.device) if inception is not None else None
 
     @classmethod
-    def load(cls, params: dict) -> "FeatureNet":
+    def load(cls, params: dict, device="cpu") -> "FeatureNet":
         cfg = params["features"]
         if cfg["kind"] == "inception":
-            return cls("inception", inception=load_inception(cfg["inception_weights"]))
-        config = json.loads((OUT_DIR / "judge_config.json").read_text())
-        judge = Judge(**config)
-        judge.load_state_dict(load_file(OUT_DIR / "judge.safetensors"))
-        return cls("judge", judge=judge.eval())
+            return cls("inception", inception=load_inception(cfg["inception_weights"]), device=device)
+        judge = Judge(**read_json(OUT_DIR / "judge_config.json", "dvc repro features"))
+        judge.load_state_dict(read_safetensors(OUT_DIR / "judge.safetensors", "dvc repro features"))
+        return cls("judge", judge=judge.eval(), device=device)
 
     @torch.no_grad()
+    def on_device(self, images_uint8) -> dict[str, torch.Tensor]:
+        """One batch's {"features"} (+ the judge's {"fine_pred", "super_pred"}) on the net's device."""
+        x = to_unit_range(images_uint8).to(self.device)
+        if self.kind == "inception":
+            return {"features": self.inception((x + 1) / 2)[0].flatten(1)}
+        h = self.judge.features(x)
+        return {"features": h, "fine_pred": self.judge.fine_head(h).argmax(1),
+                "super_pred": self.judge.super_head(h).argmax(1)}
+
     def __call__(self, images: np.ndarray, batch_size: int = 512) -> dict[str, np.ndarray]:
-        """{"features"} plus, for the judge, {"fine_pred", "super_pred"}."""
-        out: dict[str, list] = {"features": [], "fine_pred": [], "super_pred": []}
+        """`on_device` over all images in batches, as numpy arrays."""
+        out: dict[str, list] = {}
         for i in range(0, len(images), batch_size):
-            x = to_unit_range(images[i:i + batch_size])
-            if self.kind == "inception":
-                out["features"].append(self.inception((x + 1) / 2)[0].flatten(1).numpy())
-                continue
-            h = self.judge.features(x)
-            out["features"].append(h.numpy())
-            out["fine_pred"].append(self.judge.fine_head(h).argmax(1).numpy())
-            out["super_pred"].append(self.judge.super_head(h).argmax(1).numpy())
-        return {k: np.concatenate(v) for k, v in out.items() if v}
+            for key, value in self.on_device(images[i:i + batch_size]).items():
+                out.setdefault(key, []).append(value.cpu().numpy())
+        return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def load_inception(weights_path: str):
@@ -144,47 +157,67 @@ def heldout_sample(split_dir: Path, seed: int, limit: int = 10_000) -> dict[str,
 
 @torch.no_grad()
 def reconstruct(vae, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Autoencoder round trip (posterior mean) of uint8 images."""
+    """Autoencoder round trip (posterior mean) of uint8 images, on the VAE's device."""
+    device = next(vae.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
-        x = to_unit_range(images[i:i + batch_size])
+        x = to_unit_range(images[i:i + batch_size]).to(device)
         out.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample))
     return np.concatenate(out)
 
 
+def heldout_metrics(net: FeatureNet, params: dict, reference) -> dict:
+    """FID of real held-out images against the reference; for the judge, its accuracy on them and
+    on their autoencoder reconstructions (the ceiling any latent model can reach)."""
+    prepared = Path(params["data"]["prepared_dir"])
+    heldout = heldout_sample(prepared / params["data"]["heldout_split"], params["seed"])
+    held = net(heldout["images"])
+    metrics = {"fid_heldout_vs_train": frechet_distance(feature_statistics(held["features"]), reference),
+               "heldout_images_scored": int(len(heldout["labels"]))}
+    if net.kind == "judge":
+        metrics["heldout_fine_accuracy"] = float((held["fine_pred"] == heldout["labels"]).mean())
+        metrics["heldout_super_accuracy"] = float((held["super_pred"] == heldout["super_labels"]).mean())
+        if (Path("models/autoencoder") / "config.json").exists():
+            vae = load_autoencoder("models/autoencoder").to(net.device)
+            recon = net(reconstruct(vae, heldout["images"]))
+            metrics["reconstruction_fine_accuracy"] = float((recon["fine_pred"] == heldout["labels"]).mean())
+            metrics["reconstruction_super_accuracy"] = float((recon["super_pred"] == heldout["super_labels"]).mean())
+    return metrics
+
+
 def features_stage(params: dict) -> None:
+    """Every process computes the statistics of its share of the training split on its device;
+    the main process adds them up, scores the held-out split and writes."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
     cfg, prepared = params["features"], Path(params["data"]["prepared_dir"])
     classes = shards.read_classes(prepared)
     metrics: dict = {"kind": cfg["kind"]}
-    with atomic_path(OUT_DIR, is_dir=True) as tmp:
-        if cfg["kind"] == "judge":
+    with atomic_path(OUT_DIR, is_dir=True) if main else contextlib.nullcontext() as tmp:
+        if cfg["kind"] == "judge":  # tiny and seeded: every process trains the same judge
             start = time.perf_counter()
             train = shards.read_split(prepared / "train")
             judge = train_judge(train["images"], train["labels"], train["super_labels"],
                                 len(classes["classes"]), len(classes["super_classes"]), cfg, params["seed"])
             metrics["train_seconds"] = round(time.perf_counter() - start, 1)
-            save_file(judge.state_dict(), tmp / "judge.safetensors")
-            (tmp / "judge_config.json").write_text(json.dumps(judge.config))
-            net = FeatureNet("judge", judge=judge)
+            if main:
+                save_file(judge.state_dict(), tmp / "judge.safetensors")
+                (tmp / "judge_config.json").write_text(json.dumps(judge.config))
+            net = FeatureNet("judge", judge=judge, device=accelerator.device)
         elif cfg["kind"] == "inception":
-            net = FeatureNet("inception", inception=load_inception(cfg["inception_weights"]))
+            net = FeatureNet("inception", inception=load_inception(cfg["inception_weights"]), device=accelerator.device)
         else:
             raise UserError(f"params.yaml: features.kind must be judge or inception, got {cfg['kind']!r}")
-        reference = split_statistics(net, prepared / "train")
-        np.savez(tmp / "reference_stats.npz", mu=reference[0], sigma=reference[1])
-        heldout = heldout_sample(prepared / params["data"]["heldout_split"], params["seed"])
-        held = net(heldout["images"])
-        metrics["fid_heldout_vs_train"] = frechet_distance(feature_statistics(held["features"]), reference)
-        metrics["heldout_images_scored"] = int(len(heldout["labels"]))
-        if net.kind == "judge":
-            metrics["heldout_fine_accuracy"] = float((held["fine_pred"] == heldout["labels"]).mean())
-            metrics["heldout_super_accuracy"] = float((held["super_pred"] == heldout["super_labels"]).mean())
-            if (Path("models/autoencoder") / "config.json").exists():
-                recon = net(reconstruct(load_autoencoder("models/autoencoder"), heldout["images"]))
-                metrics["reconstruction_fine_accuracy"] = float((recon["fine_pred"] == heldout["labels"]).mean())
-                metrics["reconstruction_super_accuracy"] = float(
-                    (recon["super_pred"] == heldout["super_labels"]).mean())
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        reference = split_statistics(net, prepared / "train", accelerator=accelerator)
+        if main:
+            np.savez(tmp / "reference_stats.npz", mu=reference[0], sigma=reference[1])
+            metrics.update(heldout_metrics(net, params, reference))
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    accelerator.end_training()
+    if not main:
+        return
     if metrics.get("heldout_fine_accuracy", 1.0) < 0.95:
         print(f"warning: the judge reaches only {metrics['heldout_fine_accuracy']:.1%} fine-class accuracy "
               "on held-out images (target ≥ 95 %); raise features.steps")

@@ -1,15 +1,15 @@
 """What the notebooks in `notebooks/` (stage `figures`) compute and draw, so each notebook stays a
 few readable lines and its numbers can be tested.
 
-Everything here reads files other stages already wrote — `metrics/<run>.json`,
-`samples/<run>/final.npz`, dvclive's `logs/<run>/plots/metrics/train/loss.tsv` — and skips runs
-that are absent, so a notebook draws whatever subset of runs a profile has. A figure with nothing
-to show still gets a PNG (saying so), because the stage's outputs must always exist.
+Everything here reads files other stages already wrote — `metrics/<profile>/<run>.json`,
+`samples/<run>/final.npz`, dvclive's `logs/<run>/plots/metrics/train/loss.tsv` — for the runs of
+the profile in params.yaml only (never another profile's leftovers), and skips runs that are
+absent. A figure with nothing to show still gets a PNG (saying so), because the stage's outputs
+must always exist.
 """
 
 from __future__ import annotations
 
-import json
 import struct
 import zipfile
 from pathlib import Path
@@ -21,6 +21,7 @@ import pandas as pd
 
 from diffrepro.atomic import atomic_path
 from diffrepro.config import run_params
+from diffrepro.inputs import read_json
 from diffrepro.report import REPLICATE, TABLES
 
 matplotlib.use("Agg")  # figures are files, never windows (also inside a Jupyter kernel)
@@ -37,18 +38,24 @@ PAPER_PATCH_SPEEDUP = PAPER_PATCH_HOURS[0] / PAPER_PATCH_HOURS[1]
 
 # ---- reading the pipeline's outputs -------------------------------------------------------------
 
-def select(found, runs: list[str] | None) -> list[str]:
-    """The runs to draw: `runs` in its own order minus the absent ones (None: every run found, sorted,
-    without the seed replicates `<run>_seed<k>` — figures show seed 0, the report's tables all seeds)."""
+def profile_runs(params: dict, runs: list[str] | None = None, with_pretrain: bool = False) -> list[str]:
+    """The runs to draw: `runs` as given, else the profile's own runs (and `pretrain` if asked),
+    sorted, without the seed replicates `<run>_seed<k>` — figures show seed 0, the report all seeds."""
+    if runs is not None:
+        return list(runs)
+    names = [r for r in params["runs"] if not REPLICATE.match(r)] + (["pretrain"] if with_pretrain else [])
+    return sorted(names)
+
+
+def select(found, runs: list[str]) -> list[str]:
+    """`runs` in their own order, minus the absent ones."""
     found = set(found)
-    if runs is None:
-        return sorted(r for r in found if not REPLICATE.match(r))
     return [r for r in runs if r in found]
 
 
-def load_metrics(metrics_dir: str | Path, runs: list[str] | None = None) -> dict[str, dict]:
+def load_metrics(metrics_dir: str | Path, runs: list[str]) -> dict[str, dict]:
     paths = {p.stem: p for p in Path(metrics_dir).glob("*.json")}
-    return {r: json.loads(paths[r].read_text()) for r in select(paths, runs)}
+    return {r: read_json(paths[r], f"dvc repro evaluate@{r}") for r in select(paths, runs)}
 
 
 def npz_memmap(path: str | Path) -> dict[str, np.ndarray]:
@@ -73,13 +80,13 @@ def npz_memmap(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def load_samples(samples_dir: str | Path, runs: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+def load_samples(samples_dir: str | Path, runs: list[str]) -> dict[str, dict[str, np.ndarray]]:
     """{run: {images (uint8 NHWC), labels, super_labels}} of each run's final.npz, memory-mapped."""
     found = [p.parent.name for p in Path(samples_dir).glob("*/final.npz")]
     return {run: npz_memmap(Path(samples_dir) / run / "final.npz") for run in select(found, runs)}
 
 
-def load_losses(logs_dir: str | Path, runs: list[str] | None = None) -> dict[str, pd.DataFrame]:
+def load_losses(logs_dir: str | Path, runs: list[str]) -> dict[str, pd.DataFrame]:
     """{run: frame(step, loss)} from the dvclive log of every run that has one."""
     found = [p.relative_to(logs_dir).parts[0] for p in Path(logs_dir).glob(f"*/{LOSS_TSV}")]
     return {r: pd.read_csv(Path(logs_dir) / r / LOSS_TSV, sep="\t")[["step", "loss"]] for r in select(found, runs)}

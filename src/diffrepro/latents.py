@@ -8,6 +8,7 @@ and a fresh posterior sample — so pre-extraction loses neither augmentation no
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -21,33 +22,60 @@ OUT_DIR = Path("data/latents")
 
 
 @torch.no_grad()
-def encode_moments(vae, images_uint8: np.ndarray, batch_size: int) -> np.ndarray:
-    """(N, 2, 2C, h, w) float32: [mean ‖ logvar] of each image (index 0) and its flip (index 1)."""
+def encode_moments(vae, images_uint8: np.ndarray, batch_size: int) -> torch.Tensor:
+    """(N, 2, 2C, h, w) float32 on the VAE's device: [mean ‖ logvar] of each image (index 0) and
+    its flip (index 1)."""
+    device = next(vae.parameters()).device
     out = []
     for i in range(0, len(images_uint8), batch_size):
-        x = to_unit_range(images_uint8[i:i + batch_size])
+        x = to_unit_range(images_uint8[i:i + batch_size]).to(device)
         both = torch.cat([x, x.flip(-1)])
         dist = vae.encode(both).latent_dist
         moments = torch.cat([dist.mean, dist.logvar], dim=1)
-        out.append(torch.stack(moments.chunk(2), dim=1).float().numpy())
-    return np.concatenate(out)
+        out.append(torch.stack(moments.chunk(2), dim=1).float())
+    return torch.cat(out)
+
+
+def encode_shared(vae, images_uint8: np.ndarray, batch_size: int, accelerator, moment_shape) -> np.ndarray:
+    """`encode_moments` of a chunk, split over the processes in contiguous shares and gathered back
+    in order on every process (padded to equal length for the collective, then trimmed)."""
+    n, k = accelerator.num_processes, accelerator.process_index
+    bounds = np.linspace(0, len(images_uint8), n + 1).astype(int)
+    share = images_uint8[bounds[k]:bounds[k + 1]]
+    mine = (encode_moments(vae, share, batch_size) if len(share) else
+            torch.empty((0, *moment_shape), device=accelerator.device))
+    if n == 1:
+        return mine.cpu().numpy()
+    longest = int(np.diff(bounds).max())
+    padded = torch.cat([mine, mine.new_zeros((longest - len(mine), *moment_shape))])
+    gathered = accelerator.gather(padded).view(n, longest, *moment_shape)
+    return torch.cat([gathered[i, :bounds[i + 1] - bounds[i]] for i in range(n)]).cpu().numpy()
 
 
 def extract_latents_stage(params: dict) -> None:
-    """Every split of the prepared data (whatever the data set calls them) gets its latents."""
+    """Every split of the prepared data (whatever the data set calls them) gets its latents; every
+    process encodes its share of each chunk on its device, the main process writes."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
     prepared = Path(params["data"]["prepared_dir"])
     splits = sorted(p.name for p in prepared.iterdir() if (p / "index.json").exists())
-    vae = load_autoencoder("models/autoencoder")
+    vae = load_autoencoder("models/autoencoder").to(accelerator.device)
     batch_size = params["latents"]["batch_size"]
-    with atomic_path(OUT_DIR, is_dir=True) as tmp:
+    with atomic_path(OUT_DIR, is_dir=True) if main else contextlib.nullcontext() as tmp:
         for split in splits:
             source = shards.ShardedSplit(prepared / split)
-            with shards.ShardWriter(tmp / split) as writer:
-                writer.set_meta(scaling_factor=vae.config.scaling_factor)
+            moment_shape = tuple(encode_moments(vae, source.take(np.arange(1))["images"], 1).shape[1:])
+            with shards.ShardWriter(tmp / split) if main else contextlib.nullcontext() as writer:
+                if writer is not None:
+                    writer.set_meta(scaling_factor=vae.config.scaling_factor)
                 for start in range(0, len(source), 4096):
                     part = source.take(np.arange(start, min(start + 4096, len(source))))
-                    writer.add_batch(moments=encode_moments(vae, part["images"], batch_size),
-                                     labels=part["labels"], super_labels=part["super_labels"])
+                    moments = encode_shared(vae, part["images"], batch_size, accelerator, moment_shape)
+                    if writer is not None:
+                        writer.add_batch(moments=moments, labels=part["labels"], super_labels=part["super_labels"])
+    accelerator.end_training()
 
 
 class LatentSet:

@@ -1,9 +1,12 @@
-"""`report` stage: reports/results.md (the front page of the results) and reports/results.csv.
+"""`report` stage: `<report.dir>/results.md` (the front page of the results) and `results.csv`.
 
 One table per paper in the paper's shape — its rows, its metrics — with the paper's number beside
 this scale's, the baseline beside the method, and a claims list saying whether the direction of
-each paper's claim held here. Generated from `metrics/*.json` with pandas; the only numbers typed
-in are the papers' published ones below (sources: shared/seeds, shared/reference).
+each paper's claim held here. Generated with pandas from the metrics of exactly the runs of the
+profile in params.yaml (`metrics/<profile>/<run>.json`); the report refuses to be written when one
+is missing or was produced under other params (each holds the fingerprint of its params), so it
+never shows another profile's or a stale number. The only numbers typed in are the papers'
+published ones below (sources: docs/papers/*.md).
 
 Seeds: a run `<run>_seed<k>` is a replicate of `<run>` with another seed. Cells show the mean over
 a run's seeds (± half the range when there are several); a claim's verdict is `held` / `not held`
@@ -13,20 +16,20 @@ seed-to-seed range of the two — otherwise it is inconclusive at this scale.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
 
+from diffrepro import fingerprint
 from diffrepro.atomic import atomic_path
-
-METRICS_DIR = Path("metrics")
-OUT_MD, OUT_CSV, FIGURES = Path("reports/results.md"), Path("reports/results.csv"), Path("reports/figures")
+from diffrepro.config import PARAMS_FILE, metrics_dir, metrics_file
+from diffrepro.data.shards import read_classes
+from diffrepro.errors import UserError
+from diffrepro.inputs import read_json
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,15 @@ class Table:
     default_note: str            # what stands for it in the embedded default (smoke too)
     rows: dict[str, dict]        # run name → the paper's numbers for the row it stands for
     columns: tuple[str, ...]     # metric keys shown
+
+
+@dataclass(frozen=True)
+class SpeedClaim:
+    table: str
+    text: str
+    pair: str                    # `<method>_vs_<baseline>` in metrics/<profile>/speed.json
+    measure: str                 # per_step | per_image | to_budget (see speed.py)
+    paper_ratio: float           # the paper's speed-up
 
 
 @dataclass(frozen=True)
@@ -116,14 +128,18 @@ CLAIMS = (
     Claim("finediffusion", "FineDiffusion beats full fine-tuning (FID)", "fid", "finediffusion", "full_finetune"),
     Claim("finediffusion", "FineDiffusion beats BitFit (FID)", "fid", "finediffusion", "bitfit"),
     Claim("finediffusion", "FineDiffusion beats DiffFit (FID)", "fid", "finediffusion", "difffit"),
-    Claim("finediffusion", "FineDiffusion trains faster per step than full fine-tuning", "step_seconds",
-          "finediffusion", "full_finetune"),
     Claim("dimr", "DiMR beats DiT at matched compute (FID)", "fid", "dimr", "dit"),
-    Claim("patch", "Patch Diffusion reaches the image budget faster (wall-clock)", "train_seconds", "patch", "edm"),
     Claim("patch", "Patch Diffusion is better on a small data set (FID)", "fid", "patch_small", "edm_small"),
     Claim("immiscible", "Immiscible beats vanilla from scratch (FID)", "fid", "immiscible", "dit"),
     Claim("immiscible", "Immiscible beats vanilla (FID)", "fid", "immiscible", "vanilla"),
     Claim("immiscible", "Immiscible beats vanilla when fine-tuning (FID)", "fid", "immiscible_ft", "vanilla_ft"),
+)
+
+SPEED_CLAIMS = (  # measured by the `speed` stage: method and baseline interleaved in one process
+    SpeedClaim("finediffusion", "FineDiffusion trains faster per step than full fine-tuning",
+               "finediffusion_vs_full_finetune", "per_step", 1.56),
+    SpeedClaim("patch", "Patch Diffusion reaches the image budget faster (wall-clock)", "patch_vs_edm", "to_budget",
+               48.5 / 24.6),  # EDM's 48.5 h / patch's 24.6 h on CelebA-64 (the paper's real_p ablation)
 )
 
 FIGURES_OF = {  # notebook figures (stage `figures`, reports/plots/) shown under each paper's table
@@ -184,28 +200,20 @@ def seed_values(metrics: dict[str, dict], run: str, metric: str) -> list[float]:
     return [float(v) for v in values if v is not None]
 
 
-def seed_mean(metrics: dict[str, dict], run: str, metric: str) -> float:
-    values = seed_values(metrics, run, metric)
-    return sum(values) / len(values)
+def _with_speedup(metrics: dict[str, dict], speed: dict) -> dict[str, dict]:
+    """FineDiffusion's speed-up column: full fine-tuning's seconds per step / the run's, measured
+    interleaved in one process (`speed` stage; median over rounds). Full fine-tuning itself: 1."""
+    ratios = {pair["method"]: pair["per_step"]["median"] for pair in speed.get("pairs", {}).values()
+              if pair["baseline"] == "full_finetune"}
+    if ratios:
+        ratios["full_finetune"] = 1.0
+    return {name: {**m, "speedup": ratios.get(REPLICATE.sub(r"\g<run>", name))} for name, m in metrics.items()}
 
 
-def _with_speedup(metrics: dict[str, dict]) -> dict[str, dict]:
-    """FineDiffusion's speed-up column: full fine-tuning's mean step time / each run's, per seed."""
-    base = seed_values(metrics, "full_finetune", "step_seconds")
-    if not base:
-        return metrics
-    mean = sum(base) / len(base)
-    out = {}
-    for name, m in metrics.items():
-        train = m["train"]
-        out[name] = {**m, "speedup": mean / train["step_seconds"] if train.get("step_seconds") else None}
-    return out
-
-
-def results_frame(metrics: dict[str, dict], profile: str = "default") -> pd.DataFrame:
+def results_frame(metrics: dict[str, dict], profile: str = "default", speed: dict | None = None) -> pd.DataFrame:
     """Long format (paper, run, metric, value = mean over seeds, spread = max − min, seeds,
     paper_value): reports/results.csv."""
-    metrics = _with_speedup(metrics)
+    metrics = _with_speedup(metrics, speed or {})
     rows = []
     for paper, table in TABLES.items():
         for run, paper_values in paper_rows(paper, profile).items():
@@ -269,7 +277,46 @@ def verdict(method: list[float], baseline: list[float], lower_is_better: bool) -
     return "held" if (a < b) == lower_is_better else "not held"
 
 
-def claims_table(metrics: dict[str, dict], paper: str) -> str:
+def speed_verdict(ratio: dict) -> str:
+    """`held` when every interleaved round was faster, `not held` when every one was slower."""
+    if ratio["min"] > 1:
+        return "held"
+    if ratio["max"] < 1:
+        return "not held"
+    return f"inconclusive at this scale (rounds span {_fmt(ratio['min'])}–{_fmt(ratio['max'])}×)"
+
+
+def speed_rows(speed: dict, paper: str | None = None) -> list[tuple[SpeedClaim, dict]]:
+    """(claim, measured ratio) of every speed claim the `speed` stage measured (of `paper`)."""
+    pairs = speed.get("pairs", {})
+    return [(c, pairs[c.pair][c.measure]) for c in SPEED_CLAIMS
+            if c.pair in pairs and paper in (None, c.table)]
+
+
+def _ratio(r: dict) -> str:
+    return f"{_fmt(r['median'])}× [{_fmt(r['min'])}–{_fmt(r['max'])}]"
+
+
+def claims_summary(metrics: dict[str, dict], profile: str, speed: dict | None = None) -> str:
+    """The front page: every claim the profile can decide — the paper's numbers, this scale's, the verdict."""
+    lines = ["| paper | claim | paper: method vs baseline | here: method vs baseline (seeds) | verdict |",
+             "|---|---|---|---|---|"]
+    for claim in CLAIMS:
+        a, b = seed_values(metrics, claim.method, claim.metric), seed_values(metrics, claim.baseline, claim.metric)
+        if not a or not b:
+            continue
+        rows = paper_rows(claim.table, profile)
+        published = [rows.get(run, {}).get(claim.metric) for run in (claim.method, claim.baseline)]
+        paper = " vs ".join(_fmt(v) for v in published) if not any(map(_missing, published)) else "–"
+        here = f"{_fmt(sum(a) / len(a))} vs {_fmt(sum(b) / len(b))} ({len(a)}, {len(b)})"
+        lines.append(f"| {claim.table} | {claim.text} | {paper} | {here} | {verdict(a, b, claim.lower_is_better)} |")
+    for claim, ratio in speed_rows(speed or {}):
+        lines.append(f"| {claim.table} | {claim.text} | {_fmt(claim.paper_ratio)}× | {_ratio(ratio)} "
+                     f"(median [range] over interleaved rounds) | {speed_verdict(ratio)} |")
+    return "\n".join(lines)
+
+
+def claims_table(metrics: dict[str, dict], paper: str, speed: dict | None = None) -> str:
     lines = ["| claim | here: method vs baseline (mean over seeds) | direction | verdict |", "|---|---|---|---|"]
     for claim in CLAIMS:
         if claim.table != paper:
@@ -282,6 +329,10 @@ def claims_table(metrics: dict[str, dict], paper: str) -> str:
         lines.append(f"| {claim.text} | {_fmt(mean_a)} vs {_fmt(mean_b)} ({claim.metric}; {claim.method} vs "
                      f"{claim.baseline}) | {'as claimed' if better else 'opposite'} | "
                      f"{verdict(a, b, claim.lower_is_better)} |")
+    for claim, ratio in speed_rows(speed or {}, paper):
+        lines.append(f"| {claim.text} | {_ratio(ratio)} ({claim.measure.replace('_', ' ')}; {claim.pair.replace('_vs_', ' vs ')}, "
+                     f"interleaved rounds) | {'as claimed' if ratio['median'] > 1 else 'opposite'} | "
+                     f"{speed_verdict(ratio)} |")
     return "\n".join(lines)
 
 
@@ -304,23 +355,21 @@ def steps_to_equal_fid(metrics: dict[str, dict], method: str, baseline: str) -> 
     return (reached[0], base[-1][0]) if reached else None
 
 
-def patch_speedups(metrics: dict[str, dict]) -> str:
-    """Patch vs EDM three ways: per step, per training image, and wall-clock to EDM's final FID."""
-    lines = ["| patch vs EDM | per step | per image | to equal FID |", "|---|---|---|---|"]
+def patch_speedups(metrics: dict[str, dict], speed: dict) -> str:
+    """Patch vs EDM three ways: per step and per image (interleaved rounds, `speed` stage), and
+    wall-clock to EDM's final FID (each run's quality-vs-steps curve at its measured step time)."""
+    lines = ["| patch vs EDM | per step | per image | to the image budget | to equal FID |", "|---|---|---|---|---|"]
     for method, baseline in (("patch", "edm"), ("patch_small", "edm_small")):
-        if not replicates(metrics, method) or not replicates(metrics, baseline):
+        pair = speed.get("pairs", {}).get(f"{method}_vs_{baseline}")
+        if pair is None or not replicates(metrics, method) or not replicates(metrics, baseline):
             continue
-        mean = partial(seed_mean, metrics)
-        per_step = mean(baseline, "step_seconds") / mean(method, "step_seconds")
-        per_image = (mean(method, "images_seen") / mean(method, "train_seconds")) / \
-            (mean(baseline, "images_seen") / mean(baseline, "train_seconds"))
         equal = steps_to_equal_fid(metrics, method, baseline)
         if equal is None:
             to_fid = "not reached"
-        else:  # wall-clock to the step that reached it, at the run's mean step time
-            seconds = equal[0] * mean(method, "step_seconds")
-            to_fid = f"{mean(baseline, 'train_seconds') / seconds:.2f}× (step {equal[0]})"
-        lines.append(f"| {method} vs {baseline} | {per_step:.2f}× | {per_image:.2f}× | {to_fid} |")
+        else:  # baseline's steps at its step time / the method's steps to that FID at its step time
+            to_fid = f"{pair['per_step']['median'] * equal[1] / equal[0]:.2f}× (step {equal[0]})"
+        lines.append(f"| {method} vs {baseline} | {_ratio(pair['per_step'])} | {_ratio(pair['per_image'])} | "
+                     f"{_ratio(pair['to_budget'])} | {to_fid} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -328,12 +377,12 @@ def foundation_section(prepared_dir: str) -> str:
     parts = ["## Shared stages", ""]
     ae, feats = Path("models/autoencoder/metrics.json"), Path("models/features/metrics.json")
     if ae.exists():
-        a = json.loads(ae.read_text())
+        a = read_json(ae, "dvc repro autoencoder")
         parts.append(f"- Autoencoder: held-out reconstruction MSE {a['heldout_mse']:.4f} "
                      f"(PSNR {a['heldout_psnr_db']:.1f} dB), latent {a['latent_shape']}, "
                      f"scaling factor {a['scaling_factor']:.4f}, trained {a['train_seconds']} s.")
     if feats.exists():
-        f = json.loads(feats.read_text())
+        f = read_json(feats, "dvc repro features")
         if "heldout_fine_accuracy" in f:
             parts.append(f"- Judge (the FID feature network at this scale): held-out fine-class accuracy "
                          f"{f['heldout_fine_accuracy']:.1%}, superclass {f['heldout_super_accuracy']:.1%}; "
@@ -342,7 +391,7 @@ def foundation_section(prepared_dir: str) -> str:
             parts.append(f"- Judge on autoencoder reconstructions (the ceiling of every latent run): "
                          f"fine {f['reconstruction_fine_accuracy']:.1%}, "
                          f"superclass {f['reconstruction_super_accuracy']:.1%}.")
-    classes = json.loads((Path(prepared_dir) / "classes.json").read_text())
+    classes = read_classes(prepared_dir)
     n, k = len(classes["classes"]), len(classes["super_classes"])
     parts.append(f"- Chance levels: fine accuracy 1/{n} = {100 / n:.1f} %, superclass 1/{k} = {100 / k:.1f} %"
                  + (", hue error 90°." if classes.get("dataset") == "synthetic" else "."))
@@ -369,21 +418,52 @@ def quality_vs_steps(metrics: dict[str, dict]) -> str:
     return "\n".join(lines + ([""] + ratios if ratios else []))
 
 
+def profile_metrics(params: dict) -> dict[str, dict]:
+    """The metrics of every run of the profile, each produced under the params in params.yaml."""
+    if not params.get("runs"):
+        raise UserError(f"{PARAMS_FILE}: `runs` is empty: profile {params['profile']!r} has no run to report")
+    metrics = {}
+    for run in params["runs"]:
+        path = metrics_file(params, run)
+        metrics[run] = read_json(path, f"dvc repro evaluate@{run}")
+        if metrics[run].get("params_sha256") != fingerprint.metrics(params, run):
+            raise UserError(f"{path} was produced under other params than {PARAMS_FILE}'s: "
+                            f"run `dvc repro evaluate@{run}`")
+    return metrics
+
+
+def profile_speed(params: dict) -> dict:
+    """The `speed` stage's measurements, made under the params in params.yaml."""
+    from diffrepro.speed import speed_file, speed_fingerprint
+
+    path = speed_file(params)
+    speed = read_json(path, "dvc repro speed")
+    if speed.get("params_sha256") != speed_fingerprint(params):
+        raise UserError(f"{path} was measured under other params than {PARAMS_FILE}'s: run `dvc repro speed`")
+    return speed
+
+
 def report_stage(params: dict) -> None:
-    metrics = {m["run"]: m for m in (json.loads(p.read_text()) for p in sorted(METRICS_DIR.glob("*.json")))}
-    profile = params["profile"]
-    frame = results_frame(metrics, profile)
+    metrics, speed = profile_metrics(params), profile_speed(params)
+    profile, out = params["profile"], Path(params["report"]["dir"])
+    frame = results_frame(metrics, profile, speed)
     lines = [f"# Results — {params['report']['title']}", "",
              f"Profile `{profile}`, code at commit {_git_commit()}. Generated by `dvc repro` "
-             "(stage `report`) from `metrics/*.json`; do not edit by hand. Each cell: this scale's value, the "
-             "mean over the run's seeds ± half their range, and (the paper's value). "
+             f"(stage `report`) from `{metrics_dir(params)}/*.json`; do not edit by hand. Each cell: this "
+             "scale's value, the mean over the run's seeds ± half their range, and (the paper's value). "
              + ("FID here is measured in the judge's features (see below), so only its ordering, not its "
                 "size, compares with the papers'." if params["features"]["kind"] == "judge" else
                 "FID: pytorch-fid Inception features against the prepared train split's statistics."), "",
+             "## Claims at a glance", "",
+             "A verdict is `held` or `not held` only when both sides ran with at least two seeds and their means "
+             "differ by more than the larger of the two seed ranges (max − min over seeds); otherwise it is "
+             "inconclusive at this scale. A speed claim is measured with its two runs interleaved in one "
+             "process (stage `speed`): `held` when every round was faster, `not held` when every one was slower.", "",
+             claims_summary(metrics, profile, speed), "",
              foundation_section(params["data"]["prepared_dir"]), "",
              "![Training loss of every run](plots/loss_curves.png)", "",
              "![Final samples of every run: first classes × samples per class](plots/sample_grids.png)", ""]
-    with atomic_path(FIGURES, is_dir=True) as figures:
+    with atomic_path(out / "figures", is_dir=True) as figures:
         for paper, table in TABLES.items():
             rows = paper_rows(paper, profile)
             if not any(run in metrics for run in rows):
@@ -391,11 +471,12 @@ def report_stage(params: dict) -> None:
             note = table.default_note if profile in DEFAULT_PROFILES else \
                 f"Here: profile `{profile}` (settings and their sources: `conf/profile/{profile}.yaml`)."
             lines += [f"## {table.title}", "", table.paper_note + " " + note, "", paper_table(frame, paper, profile), ""]
-            claims = claims_table(metrics, paper)
+            claims = claims_table(metrics, paper, speed)
             if claims.count("\n") > 1:
                 lines += [claims, ""]
-            if paper == "patch" and (speedups := patch_speedups(metrics)):
-                lines += ["Speed-up of patch-wise training (mean over seeds; paper ≈2× wall-clock):", "", speedups, ""]
+            if paper == "patch" and (speedups := patch_speedups(metrics, speed)):
+                lines += ["Speed-up of patch-wise training (median [range] over interleaved rounds; paper ≈2× "
+                          "wall-clock):", "", speedups, ""]
             lines += [f"![{alt}](plots/{name}.png)\n" for alt, name in FIGURES_OF.get(paper, ())]
             if paper == "immiscible":
                 lines += ["Quality vs training steps:", "", quality_vs_steps(metrics), ""]
@@ -405,7 +486,7 @@ def report_stage(params: dict) -> None:
                     shutil.copy(grid, figures / f"samples-{run}.png")
                     lines.append(f"![{run}](figures/samples-{run}.png)")
             lines.append("")
-    with atomic_path(OUT_MD) as tmp:
+    with atomic_path(out / "results.md") as tmp:
         tmp.write_text("\n".join(lines))
-    with atomic_path(OUT_CSV) as tmp:
+    with atomic_path(out / "results.csv") as tmp:
         frame.to_csv(tmp, index=False)

@@ -6,15 +6,14 @@ from `params.yaml` and the run's saved `config.json`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from diffrepro.data import shards
 from diffrepro.errors import UserError
+from diffrepro.inputs import read_json, read_safetensors
 from diffrepro.latents import LatentSet
 from diffrepro.models.autoencoder import to_unit_range
 from diffrepro.models.registry import build_model
@@ -93,29 +92,45 @@ def build_network(model_name: str, kwargs: dict, diffusion: str) -> torch.nn.Mod
     return net
 
 
+def set_matmul_precision(cfg: dict) -> None:
+    """TF32 matmuls/convolutions on CUDA as each paper's official code does: enabled by DiT, DiMR
+    and the SD training scripts, disabled by EDM (and so Patch Diffusion). No effect on the CPU."""
+    precision = "ieee" if cfg["diffusion"] == "edm" else "tf32"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+
+
 def learns_sigma(model: torch.nn.Module) -> bool:
     """DiT predicts ε and the variance (2C output channels); DiMR and the UNets predict ε only."""
     return model.out_channels == 2 * model.in_channels
 
 
+def train_command(run: str) -> str:
+    """The command that (re)builds `models/<run>/`."""
+    return "dvc repro pretrain" if run == "pretrain" else f"dvc repro train@{run}"
+
+
 def load_trained(run_dir: str | Path, which: str = "ema") -> tuple[torch.nn.Module, dict]:
     """Rebuild a trained run's network from its config.json and weights (base + delta for PEFT)."""
     run_dir = Path(run_dir)
-    config_file = run_dir / "config.json"
-    if not config_file.exists():
-        raise UserError(f"{config_file} is missing: run `dvc repro train@{run_dir.name}` first")
-    config = json.loads(config_file.read_text())
+    rebuild = train_command(run_dir.name)
+    config = read_json(run_dir / "config.json", rebuild)
     model = build_network(config["model"], config["model_kwargs"], config["diffusion"])
-    weights = load_file(str(run_dir / f"{which}.safetensors"))
+    weights_file = run_dir / f"{which}.safetensors"
+    weights = read_safetensors(weights_file, rebuild)
     if config.get("delta_of"):  # PEFT run: only the trained tensors were saved
         base_model, _ = load_trained(config["delta_of"], which)
         state = base_model.state_dict()
         state = {k: v for k, v in state.items() if k in model.state_dict() and
                  model.state_dict()[k].shape == v.shape}
         model.load_state_dict(state, strict=False)
-    missing, unexpected = model.load_state_dict(weights, strict=not config.get("delta_of"))
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=not config.get("delta_of"))
+    except RuntimeError as err:
+        raise UserError(f"{weights_file} does not fit {run_dir}/config.json ({str(err).splitlines()[0]}): "
+                        f"run `{rebuild}`") from None
     if unexpected:
-        raise UserError(f"{run_dir}/{which}.safetensors was saved from another model: unexpected {unexpected[:3]}")
+        raise UserError(f"{weights_file} was saved from another model (unexpected {unexpected[:3]}): run `{rebuild}`")
     return model.eval().requires_grad_(False), config
 
 

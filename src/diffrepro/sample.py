@@ -2,10 +2,11 @@
 
 Every image's noise (its start and, for stochastic samplers, every step's) comes from its own
 generator seeded by (sample seed, image index), so any subset can be regenerated and a killed
-stage resumes chunk by chunk (finished chunks are kept in `checkpoints/<run>/samples/`) without
-duplicating or dropping an image. Under `accelerate launch` the chunks are dealt round-robin to
-any number of processes; the main process assembles them in image order, so the result does not
-depend on the process count.
+stage resumes chunk by chunk (finished chunks are kept in `checkpoints/<run>/samples/<set>/`)
+without duplicating or dropping an image — as long as nothing that determines them changed: each
+set's folder records the fingerprint of its params and weights, and starts over when that differs.
+Under `accelerate launch` the chunks are dealt round-robin to any number of processes; the main
+process assembles them in image order, so the result does not depend on the process count.
 Writes `samples/<run>/final.npz` (images, labels, super_labels), one npz per training snapshot
 (`step-XXXXXXX.npz`, for quality vs steps) and a labelled grid `samples/<run>/grid.png`. With
 `sample.seed_sets` = S > 1 it also writes `final-set1.npz` ... `final-set{S-1}.npz`: set k uses
@@ -15,22 +16,25 @@ FID protocol (three 50k sets, seeds 0-49999 / 50000-99999 / 100000-149999, repor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from diffrepro.atomic import atomic_path
 from diffrepro.config import run_params
 from diffrepro.data import shards
 from diffrepro.errors import UserError
+from diffrepro.fingerprint import sampling as sampling_fingerprint
+from diffrepro.inputs import read_safetensors
 from diffrepro.methods import get_method
 from diffrepro.models.autoencoder import load_autoencoder, to_uint8
-from diffrepro.runs import learns_sigma, class_counts, load_trained, rng
+from diffrepro.paths import checkpoints_root
+from diffrepro.runs import class_counts, learns_sigma, load_trained, rng, set_matmul_precision, train_command
 
 SAMPLE_SEED_OFFSET = 10_000  # sampling noise never reuses a training step's stream
 
@@ -67,8 +71,22 @@ class RunSampler:
         """One generator per image, seeded by (sample seed, image index)."""
         return [rng(self.seed, SAMPLE_SEED_OFFSET, int(i)) for i in indices]
 
-    @torch.no_grad()
     def __call__(self, labels: np.ndarray, supers: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """uint8 images of one chunk."""
+        return to_uint8(self.on_device(labels, supers, indices))
+
+    @torch.no_grad()
+    def on_device(self, labels: np.ndarray, supers: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+        """Decoded images in [-1, 1] on the device. A run trained in bf16 samples its network in
+        bf16 (autocast; the sampler's own arithmetic stays fp32); the decoder runs in fp32."""
+        bf16 = self.cfg["bf16"] and self.device.type == "cuda"
+        with torch.autocast("cuda", torch.bfloat16) if bf16 else contextlib.nullcontext():
+            x0 = self._denoise(labels, supers, indices)
+        if self.vae is not None:
+            x0 = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+        return x0
+
+    def _denoise(self, labels: np.ndarray, supers: np.ndarray, indices: np.ndarray) -> torch.Tensor:
         kw = self.config["model_kwargs"]
         shape = (kw["in_channels"], kw["input_size"], kw["input_size"])
         generators = self.generators(indices)
@@ -95,20 +113,22 @@ class RunSampler:
                                  scale_power=self.cfg["guidance_power"])
             x0 = sample(self.diffusion, fn, x_T.shape, sampler=self.cfg["sampler"],
                         steps=self.cfg["sample_steps"], noise=x_T, generator=generators)
-        if self.vae is not None:
-            x0 = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
-        return to_uint8(x0)
+        return x0.float()
 
 
 def sample_set(sampler: RunSampler, labels, supers, batch_size: int, chunk_dir: Path, desc: str,
-               accelerator=None, index_offset: int = 0) -> None:
-    """Every image of (labels, supers) as chunks of `batch_size` in `chunk_dir`, skipping finished
-    chunks. Image i is drawn with index `index_offset + i` (its noise seed).
+               fingerprint: str, accelerator=None, index_offset: int = 0) -> None:
+    """Every image of (labels, supers) as chunks of `batch_size` in `chunk_dir`, skipping chunks
+    finished under the same `fingerprint` (of everything that determines them; chunks drawn under
+    another are discarded first). Image i is drawn with index `index_offset + i` (its noise seed).
 
     With an accelerator, process k makes chunks k, k + N, k + 2N, ... and all wait for the last.
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    chunk_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _start_over_unless(chunk_dir, fingerprint)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     starts = list(range(0, len(labels), batch_size))
     for start in tqdm(starts[rank::world], desc=desc, mininterval=10, disable=rank != 0):
         chunk = chunk_dir / f"chunk-{start:07d}.npy"
@@ -123,10 +143,34 @@ def sample_set(sampler: RunSampler, labels, supers, batch_size: int, chunk_dir: 
         accelerator.wait_for_everyone()
 
 
-def assemble(chunk_dir: Path, num_images: int, batch_size: int) -> np.ndarray:
-    """The chunks of one set, in image order."""
-    return np.concatenate([np.load(chunk_dir / f"chunk-{start:07d}.npy")
-                           for start in range(0, num_images, batch_size)])
+def _start_over_unless(chunk_dir: Path, fingerprint: str) -> None:
+    """Empty `chunk_dir` unless its chunks were drawn under `fingerprint`; then record it there."""
+    record = chunk_dir / "fingerprint.json"
+    try:
+        drawn_under = json.loads(record.read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet (or unreadable): nothing to trust
+        drawn_under = None
+    if drawn_under == fingerprint:
+        return
+    if any(chunk_dir.glob("chunk-*.npy")):
+        print(f"{chunk_dir} was sampled with other params; starting over")
+    shutil.rmtree(chunk_dir, ignore_errors=True)
+    chunk_dir.mkdir(parents=True)
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps({"fingerprint": fingerprint}))
+
+
+def assemble(chunk_dir: Path, num_images: int, batch_size: int, rebuild: str) -> np.ndarray:
+    """The chunks of one set, in image order (`rebuild`: the command that makes them again)."""
+    chunks = []
+    for start in range(0, num_images, batch_size):
+        chunk = chunk_dir / f"chunk-{start:07d}.npy"
+        try:
+            chunks.append(np.load(chunk))
+        except (OSError, ValueError, EOFError) as err:
+            raise UserError(f"{chunk} is unreadable ({type(err).__name__}): delete it and run `{rebuild}` "
+                            "again") from None
+    return np.concatenate(chunks)
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, per_row: int, path: Path, title: str) -> None:
@@ -157,6 +201,7 @@ def sample_stage(params: dict, run: str) -> None:
 
     cfg, scfg = run_params(params, run), params["sample"]
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_matmul_precision(cfg)
     seed = params["seed"] + cfg["seed"]
     run_dir = Path("models") / run
     model, config = load_trained(run_dir)
@@ -165,8 +210,8 @@ def sample_stage(params: dict, run: str) -> None:
     num_classes, _ = class_counts(params["data"]["prepared_dir"], cfg["split"])
     if config["model_kwargs"]["num_classes"] not in (None, num_classes):  # None: an unconditional net
         raise UserError(f"{run_dir} was trained on {config['model_kwargs']['num_classes']} classes but the "
-                        f"prepared data has {num_classes}: re-run `dvc repro train@{run}`")
-    work = Path("checkpoints") / run / "samples"
+                        f"prepared data has {num_classes}: re-run `{train_command(run)}`")
+    work = checkpoints_root() / run / "samples"
     where = "pretrain" if run == "pretrain" else f"runs.{run}"
     snapshots = [(snap.stem, snap, 0) for snap in sorted((run_dir / "snapshots").glob("step-*.safetensors"))]
     finals = [(final_set_name(k), None, k * len(labels)) for k in range(scfg["seed_sets"])]
@@ -174,16 +219,17 @@ def sample_stage(params: dict, run: str) -> None:
         net = model
         if snap is not None:
             net, _ = load_trained(run_dir)
-            net.load_state_dict(_full_state(net, load_file(str(snap))))
+            net.load_state_dict(_full_state(net, read_safetensors(snap, train_command(run))))
         sampler = RunSampler(net, config, cfg, seed, vae, accelerator.device, where=where)
+        weights = snap if snap is not None else run_dir / "ema.safetensors"
         sample_set(sampler, labels, supers, scfg["batch_size"], work / name, f"sample {run} {name}",
-                   accelerator, index_offset=offset)
+                   sampling_fingerprint(params, run, weights), accelerator, index_offset=offset)
     accelerator.end_training()
     if not accelerator.is_main_process:
         return
     with atomic_path(Path("samples") / run, is_dir=True) as tmp:
         for name, _, _ in snapshots + finals:  # one set in memory at a time
-            images = assemble(work / name, len(labels), scfg["batch_size"])
+            images = assemble(work / name, len(labels), scfg["batch_size"], f"dvc repro sample@{run}")
             np.savez(tmp / f"{name}.npz", images=images, labels=labels, super_labels=supers)
         images = np.load(tmp / "final.npz")["images"]
         shown = labels < scfg["grid_classes"]

@@ -13,32 +13,38 @@ when training is complete.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import hashlib
 import json
-import math
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from diffrepro import fingerprint
 from diffrepro.atomic import atomic_path
-from diffrepro.config import run_params
-from diffrepro.errors import UserError
+from diffrepro.config import logs_dir, run_params
+from diffrepro.errors import TrainingPaused, UserError
+from diffrepro.inputs import read_safetensors
 from diffrepro.methods import get_method
-from diffrepro.methods.immiscible import NoiseAssigner, mean_pair_distance
+from diffrepro.methods.immiscible import NoiseAssigner, knn_select, mean_pair_distance
 from diffrepro.models.info import count_params
-from diffrepro.runs import learns_sigma, build_network, class_counts, model_config, rng, training_set
+from diffrepro.paths import (batch_per_device, checkpoints_root, compile_requested, pause_marker,
+                             train_seconds_budget)
+from diffrepro.runs import (build_network, class_counts, learns_sigma, model_config, rng, set_matmul_precision,
+                           train_command, training_set)
 
 NUM_TIMESTEPS = 1000
 
 
 def _config_hash(params: dict, run: str) -> str:
-    relevant = {"seed": params["seed"], "run": run_params(params, run)}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    """What a checkpoint carries (`fingerprint.training`): a run never resumes under other params."""
+    return fingerprint.training(params, run)
 
 
 def _load_init(model: torch.nn.Module, cfg: dict) -> str | None:
@@ -59,19 +65,50 @@ def _load_init(model: torch.nn.Module, cfg: dict) -> str | None:
     weights = init / "ema.safetensors"
     if not weights.exists():
         raise UserError(f"{weights} is missing: run `dvc repro` for the base run {init.name}")
-    load_base_state(model, load_file(str(weights)), str(weights))
+    load_base_state(model, read_safetensors(weights, train_command(init.name)), str(weights))
     return str(init)
 
 
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """EMA of the trained tensors, on their device, in one foreach lerp (frozen tensors never move)."""
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            if p.requires_grad:
-                e.lerp_(p.detach(), 1.0 - decay)
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def micro_batch_count(batch_size: int, processes: int, per_device: int | None, where: str) -> int:
+    """How many micro-batches each process splits its share of the global batch into."""
+    if batch_size % processes:
+        raise UserError(f"params.yaml: `{where}` {batch_size} is not divisible by the {processes} processes")
+    share = batch_size // processes
+    if per_device is None or per_device >= share:
+        return 1
+    if share % per_device:
+        raise UserError(f"environment: DIFFREPRO_BATCH_PER_DEVICE={per_device} must divide each process's "
+                        f"share of `{where}` ({share})")
+    return share // per_device
+
+
+@dataclass
+class HostBatch:
+    """Everything random about one global step, drawn on the host from the (seed, step) stream."""
+
+    x0: torch.Tensor
+    labels: torch.Tensor | None
+    timesteps: torch.Tensor
+    noise: torch.Tensor            # the global batch's noise (knn: this process's candidates)
+    extra: dict
+    images: int                    # images this step counts as seen (patches included)
+    dropout_seed: int              # the global RNG's seed for the step (dropout inside the net)
 
 
 class Trainer:
-    """Holds one run's model, EMA, optimizer and noise process; `step(s)` trains global step s."""
+    """Holds one run's model, EMA, optimizer and noise process; `step(s)` trains global step s.
+
+    The host draws step s's global batch (in a background thread, one step ahead); everything
+    else — assignment cost, loss, EMA — runs on the accelerator's device. Each process takes its
+    contiguous slice of the global batch and splits it into micro-batches whose gradients it
+    accumulates, so the update is the same for any process count or micro-batch size.
+    """
 
     def __init__(self, params: dict, run: str, accelerator):
         self.params, self.run, self.acc = params, run, accelerator
@@ -83,23 +120,30 @@ class Trainer:
         self.data_shape = tuple(probe.shape[1:])
         num_classes, num_super = class_counts(params["data"]["prepared_dir"], cfg["split"])
         self.model_kwargs = model_config(cfg, self.method, self.data_shape, num_classes, num_super)
+        self.micro_batches = micro_batch_count(cfg["batch_size"], accelerator.num_processes, batch_per_device(),
+                                               f"runs.{run}.batch_size" if run != "pretrain" else "pretrain.batch_size")
         torch.manual_seed(self.seed)
         self.model = build_network(cfg["model"], self.model_kwargs, cfg["diffusion"])
         self.base_dir = _load_init(self.model.net if cfg["diffusion"] == "edm" else self.model, cfg)
         self.method.configure_model(self.model)
         self.delta_of = self.base_dir if self.method.peft else None
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
         groups = self.method.param_groups(self.model, cfg["weight_decay"])
-        self.opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
+        self.opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]),
+                                     fused=True if accelerator.device.type == "cuda" else None)
         self.assigner = NoiseAssigner(cfg["assignment"])
         if cfg["diffusion"] == "gaussian":
             from diffrepro.diffusion.gaussian import GaussianDiffusion, make_betas
 
             self.diffusion = GaussianDiffusion(make_betas(cfg["schedule"], NUM_TIMESTEPS),
                                                learn_sigma=learns_sigma(self.model))
-        self.model, self.opt = accelerator.prepare(self.model, self.opt)
+        self.model, self.opt = accelerator.prepare(self.model, self.opt)  # DDP / torch.compile wrappers
+        self.net = accelerator.unwrap_model(self.model, keep_torch_compile=False)  # the plain network
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)  # after prepare: on the training device
+        trained = [(e, p) for e, p in zip(self.ema.parameters(), self.net.parameters()) if p.requires_grad]
+        self.ema_params, self.trained_params = [e for e, _ in trained], [p for _, p in trained]
         self.images_seen = 0
-        self.pair_distance: list[float] = []
+        self.pending_losses: list[torch.Tensor] = []  # per-step loss of this process, on the device
+        self.pair_distance: list[torch.Tensor] = []
 
     def lr_at(self, step: int) -> float:
         warmup = self.cfg["warmup_steps"]
@@ -109,10 +153,10 @@ class Trainer:
         decay = self.cfg["ema_decay"]
         return min(decay, (1 + step) / (10 + step)) if self.cfg["ema_warmup"] else decay
 
-    def global_batch(self, step: int):
-        """Draw step `step`'s global batch on every process; return this process's slice."""
+    def draw(self, step: int) -> HostBatch:
+        """Step `step`'s global batch, identical on every process (host only: safe in a thread)."""
         gen = rng(self.seed, step)
-        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))  # dropout etc.
+        dropout_seed = int(torch.randint(0, 2**31, (1,), generator=gen))
         plan = None
         batch = self.cfg["batch_size"]
         if hasattr(self.method, "plan_step"):
@@ -121,8 +165,7 @@ class Trainer:
         index = torch.randint(len(self.data), (batch,), generator=gen)
         x0 = self.data.sample_batch(index, gen)
         labels, supers = self.data.labels[index], self.data.super_labels[index]
-        unwrapped = self.acc.unwrap_model(self.model)
-        labels = self.method.training_labels(labels, supers, gen, unwrapped)
+        labels = self.method.training_labels(labels, supers, gen, self.net)
         if plan is not None:
             x0, extra = self.method.transform_batch(x0, gen, plan.patch_size)
         else:
@@ -134,26 +177,35 @@ class Trainer:
         else:
             timesteps = torch.randint(NUM_TIMESTEPS, (len(x0),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        if self.assigner.mode == "knn":  # k candidates per image of this process's slice, its own stream
+            part = self.process_slice(len(x0))
+            shape = (part.stop - part.start, self.assigner.k, *x0.shape[1:])
+            noise = torch.randn(shape, generator=rng(self.seed, step, 1 + self.acc.process_index))
+        return HostBatch(x0, labels, timesteps, noise, extra, batch, dropout_seed)
+
+    def process_slice(self, global_size: int) -> slice:
+        """This process's contiguous share of a global batch (divisible: see `micro_batch_count`)."""
         n, k = self.acc.num_processes, self.acc.process_index
-        if len(x0) % n:
-            raise UserError(f"params.yaml: runs.{self.run}.batch_size {len(x0)} is not divisible by "
-                            f"the {n} processes")
-        part = slice(k * len(x0) // n, (k + 1) * len(x0) // n)
-        sliced = lambda v: v[part] if torch.is_tensor(v) else v  # noqa: E731
-        x0, noise, timesteps = x0[part], noise[part], timesteps[part]
-        labels = sliced(labels)
-        extra = {key: sliced(v) for key, v in extra.items()}
+        return slice(k * global_size // n, (k + 1) * global_size // n)
+
+    def on_device(self, host: HostBatch) -> tuple:
+        """This process's slice of the global batch on the device, with the noise assigned."""
+        dev = self.acc.device
+        move = lambda v: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v  # noqa: E731
+        part = self.process_slice(len(host.x0))
+        x0, noise = move(host.x0), host.noise
+        if self.assigner.mode == "lsa_global":  # every process holds the global batch: solve it once each
+            noise = self.assigner.assign(x0, move(noise))[part]
+        x0 = x0[part]
         if self.assigner.mode == "knn":
-            noise = self.assigner(x0, rng(self.seed, step, 1 + k), self.acc)
-        else:
-            noise = self.assigner.assign(x0, noise, self.acc)
-        return x0, labels, timesteps, noise, extra, batch
+            noise = knn_select(x0, move(noise), self.assigner.quantize_fp16, self.assigner.squared)
+        elif self.assigner.mode != "lsa_global":
+            noise = self.assigner.assign(x0, move(noise[part]))
+        labels = None if host.labels is None else move(host.labels[part])
+        extra = {key: move(v[part]) for key, v in host.extra.items()}
+        return x0, labels, move(host.timesteps[part]), noise, extra
 
     def loss(self, x0, labels, timesteps, noise, extra) -> torch.Tensor:
-        dev = self.acc.device
-        x0, noise, timesteps = x0.to(dev), noise.to(dev), timesteps.to(dev)
-        labels = None if labels is None else labels.to(dev)
-        extra = {k: v.to(dev) for k, v in extra.items()}
         with self.acc.autocast():
             if self.cfg["diffusion"] == "edm":
                 from diffrepro.diffusion.edm import edm_loss
@@ -164,30 +216,50 @@ class Trainer:
                                                     eps_loss=getattr(self.method, "eps_loss", None))
             return losses["loss"].mean()
 
-    def step(self, step: int) -> float:
-        x0, labels, timesteps, noise, extra, images = self.global_batch(step)
+    def step(self, step: int, host: HostBatch | None = None) -> None:
+        """One optimizer step. No host sync: the loss stays on the device until `logged_losses`."""
+        host = self.draw(step) if host is None else host
+        torch.manual_seed(host.dropout_seed)
+        batch = self.on_device(host)
         if step % 50 == 0:  # with and without assignment: the quantity Immiscible Diffusion shrinks
-            self.pair_distance.append(mean_pair_distance(x0, noise))
+            self.pair_distance.append(mean_pair_distance(batch[0], batch[3]))
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(step)
-        loss = self.loss(x0, labels, timesteps, noise, extra)
         self.opt.zero_grad(set_to_none=True)
-        self.acc.backward(loss)
+        x0, labels, timesteps, noise, extra = batch
+        m = self.micro_batches
+        split = lambda v: v.chunk(m) if v is not None else [None] * m  # noqa: E731
+        extras = [{k: v.chunk(m)[i] for k, v in extra.items()} for i in range(m)]
+        total = None
+        for i, micro in enumerate(zip(*map(split, (x0, labels, timesteps, noise)))):
+            with self.acc.no_sync(self.model) if i < m - 1 else contextlib.nullcontext():
+                loss = self.loss(*micro, extras[i])
+                loss = loss / m if m > 1 else loss
+                self.acc.backward(loss)
+            total = loss.detach() if total is None else total + loss.detach()
         if self.cfg["grad_clip"] > 0:
             self.acc.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
         self.opt.step()
-        update_ema(self.ema, self.acc.unwrap_model(self.model), self.ema_decay_at(step))
-        self.images_seen += images
-        return self.acc.gather(loss.detach()[None]).mean().item()  # the global batch's mean loss
+        update_ema(self.ema_params, self.trained_params, self.ema_decay_at(step))
+        self.images_seen += host.images
+        self.pending_losses.append(total)
+
+    def logged_losses(self) -> list[float]:
+        """The global batch's mean loss of every step since the last call (one host sync)."""
+        if not self.pending_losses:
+            return []
+        mine = torch.stack(self.pending_losses).float()
+        self.pending_losses = []
+        return self.acc.gather(mine).view(self.acc.num_processes, -1).mean(0).tolist()
 
     # --- checkpoints -------------------------------------------------------------------------
     def state(self, step: int) -> dict:
-        return {"model": self.acc.unwrap_model(self.model).state_dict(), "ema": self.ema.state_dict(),
+        return {"model": self.net.state_dict(), "ema": self.ema.state_dict(),
                 "opt": self.opt.state_dict(), "step": step, "images_seen": self.images_seen,
                 "config_hash": _config_hash(self.params, self.run)}
 
     def load_state(self, state: dict) -> int:
-        self.acc.unwrap_model(self.model).load_state_dict(state["model"])
+        self.net.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
         self.images_seen = state["images_seen"]
@@ -195,24 +267,34 @@ class Trainer:
 
 
 def _resume(trainer: Trainer, ckpt: Path) -> int:
-    if not ckpt.exists():
-        return 0
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # a checkpoint cut short by a full disk or a kill during rename
-        raise UserError(f"{ckpt} is unreadable ({type(err).__name__}); delete it to restart the run") from None
-    if state.get("config_hash") != _config_hash(trainer.params, trainer.run):
+    """The step `ckpt` continues from when it was written under these params; else 0, and the
+    snapshots (`eval_at`) a killed run left beside it are discarded too."""
+    if ckpt.exists():
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as err:  # a checkpoint cut short by a full disk or a kill during rename
+            raise UserError(f"{ckpt} is unreadable ({type(err).__name__}); delete it to restart the run") from None
+        if state.get("config_hash") == _config_hash(trainer.params, trainer.run):
+            try:
+                return trainer.load_state(state)
+            except RuntimeError as err:
+                raise UserError(f"{ckpt} is from another model ({str(err).splitlines()[0]}); delete it") from None
         print(f"{ckpt} was written with other params; starting {trainer.run} from scratch")
-        return 0
-    try:
-        return trainer.load_state(state)
-    except RuntimeError as err:
-        raise UserError(f"{ckpt} is from another model ({str(err).splitlines()[0]}); delete it") from None
+    if trainer.acc.is_main_process:
+        shutil.rmtree(ckpt.parent / "snapshots", ignore_errors=True)
+    return 0
+
+
+def _all_agree(accelerator, flag: bool) -> bool:
+    """True when any process says so: every process must stop at the same step."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.gather(torch.tensor([flag], device=accelerator.device)).any())
 
 
 def _save_weights(trainer: Trainer, out: Path, step: int | None = None) -> None:
     """EMA (and, at the end, raw) weights; a PEFT run from a base keeps only its trained tensors."""
-    model = trainer.acc.unwrap_model(trainer.model)
+    model = trainer.net
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     delta_only = trainer.delta_of is not None
     targets = {"ema": trainer.ema} if step is not None else {"ema": trainer.ema, "model": model}
@@ -230,34 +312,52 @@ def train_stage(params: dict, run: str) -> None:
 
     cfg = run_params(params, run)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if cfg["bf16"] else "no")
+                              mixed_precision="bf16" if cfg["bf16"] else "no",
+                              dynamo_backend="inductor" if compile_requested() else "no")
+    set_matmul_precision(cfg)
     trainer = Trainer(params, run, accelerator)
-    ckpt_dir, out_dir = Path("checkpoints") / run, Path("models") / run
+    ckpt_dir, out_dir = checkpoints_root() / run, Path("models") / run
     start = _resume(trainer, ckpt_dir / "last.pt")
-    live = Live(dir=str(Path("logs") / run), resume=start > 0, dvcyaml=None, save_dvc_exp=False) \
+    if accelerator.is_main_process:
+        pause_marker(run).unlink(missing_ok=True)
+    live = Live(dir=str(logs_dir(params) / run), resume=start > 0, dvcyaml=None, save_dvc_exp=False) \
         if accelerator.is_main_process else None
+    budget, started = train_seconds_budget(), time.perf_counter()
     step_times: list[float] = []
     losses: list[float] = []
-    total, trainable = count_params(accelerator.unwrap_model(trainer.model))
-    pbar = tqdm(range(start, cfg["steps"]), desc=f"train {run}", mininterval=10,
-                disable=not accelerator.is_main_process, initial=start, total=cfg["steps"])
-    for step in pbar:
-        tic = time.perf_counter()
-        loss = trainer.step(step)
-        step_times.append(time.perf_counter() - tic)
-        losses.append(loss)
-        every = params["train"]["log_every"]
-        if live is not None and ((step + 1) % every == 0 or step + 1 == cfg["steps"]):
-            recent = losses[-every:]
-            live.step = step + 1  # before logging: each value is recorded at the step it ends
-            live.log_metric("train/loss", sum(recent) / len(recent))
-            live.log_metric("train/step_seconds", step_times[-1])
-            live.next_step()
-        if (step + 1) in cfg["eval_at"] and accelerator.is_main_process:
-            _save_weights(trainer, ckpt_dir, step + 1)
-        if (step + 1) % cfg["checkpoint_every"] == 0 and (step + 1) < cfg["steps"] and accelerator.is_main_process:
-            with atomic_path(ckpt_dir / "last.pt") as tmp:
-                torch.save(trainer.state(step + 1), tmp)
+    total, trainable = count_params(trainer.net)
+    every, steps = params["train"]["log_every"], cfg["steps"]
+    pbar = tqdm(range(start, steps), desc=f"train {run}", mininterval=10,
+                disable=not accelerator.is_main_process, initial=start, total=steps)
+    with ThreadPoolExecutor(max_workers=1) as prefetch:  # the host draws step s + 1 while s trains
+        upcoming = prefetch.submit(trainer.draw, start) if start < steps else None
+        for step in pbar:
+            tic = time.perf_counter()
+            host = upcoming.result()
+            if step + 1 < steps:
+                upcoming = prefetch.submit(trainer.draw, step + 1)
+            trainer.step(step, host)
+            step_times.append(time.perf_counter() - tic)
+            if (step + 1) % every == 0 or step + 1 == steps:  # the only host sync of the loop
+                losses.extend(trainer.logged_losses())
+                if live is not None:
+                    recent = losses[-every:]
+                    live.step = step + 1  # before logging: each value is recorded at the step it ends
+                    live.log_metric("train/loss", sum(recent) / len(recent))
+                    live.log_metric("train/step_seconds", step_times[-1])
+                    live.next_step()
+            if (step + 1) in cfg["eval_at"] and accelerator.is_main_process:
+                _save_weights(trainer, ckpt_dir, step + 1)
+            if (step + 1) % cfg["checkpoint_every"] == 0 and (step + 1) < steps:
+                if accelerator.is_main_process:
+                    with atomic_path(ckpt_dir / "last.pt") as tmp:
+                        torch.save(trainer.state(step + 1), tmp)
+                if budget is not None and _all_agree(accelerator, time.perf_counter() - started > budget):
+                    accelerator.wait_for_everyone()
+                    if accelerator.is_main_process:
+                        pause_marker(run).write_text(f"{step + 1}\n")
+                    raise TrainingPaused(f"{run}: the DIFFREPRO_TRAIN_SECONDS budget ({budget:g} s) is spent at "
+                                         f"step {step + 1} of {steps}; run the same command again to resume")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # close the process group cleanly (gloo can abort at exit otherwise)
     if not accelerator.is_main_process:
@@ -272,7 +372,7 @@ def train_stage(params: dict, run: str) -> None:
         "resumed_from_step": start,
     }
     if trainer.pair_distance:
-        metrics["mean_image_noise_distance"] = sum(trainer.pair_distance) / len(trainer.pair_distance)
+        metrics["mean_image_noise_distance"] = sum(map(float, trainer.pair_distance)) / len(trainer.pair_distance)
     config = {"run": run, "model": cfg["model"], "model_kwargs": trainer.model_kwargs,
               "diffusion": cfg["diffusion"], "schedule": cfg["schedule"], "method": cfg["method"], "space": cfg["space"],
               "method_kwargs": cfg["method_kwargs"],

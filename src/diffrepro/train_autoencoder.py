@@ -19,7 +19,7 @@ from tqdm import tqdm
 from diffrepro.atomic import atomic_path
 from diffrepro.data import shards
 from diffrepro.errors import UserError
-from diffrepro.models.autoencoder import (kl_autoencoder_loss, latent_std, load_autoencoder,
+from diffrepro.models.autoencoder import (SD_VAE_HELP, kl_autoencoder_loss, latent_std, load_autoencoder,
                                           tiny_autoencoder, to_unit_range)
 
 OUT_DIR = Path("models/autoencoder")
@@ -29,7 +29,7 @@ SD_SCALING_FACTOR = 0.18215
 def autoencoder_stage(params: dict) -> None:
     cfg, data = params["autoencoder"], params["data"]
     if cfg["kind"] == "sd_vae":
-        vae = load_autoencoder(cfg["path"])
+        vae = load_autoencoder(cfg["path"], SD_VAE_HELP)
         if abs(vae.config.scaling_factor - SD_SCALING_FACTOR) > 1e-6:
             raise UserError(f"{cfg['path']}/config.json: scaling_factor is {vae.config.scaling_factor}, "
                             f"expected the SD VAE's {SD_SCALING_FACTOR}")

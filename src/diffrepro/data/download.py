@@ -7,7 +7,7 @@ matched; where the owners publish none, its sha256 is computed and written besid
 (ImageNet, VegFru, CelebA, AFHQv2) are placed by hand; this module says which and where, and
 verifies what is there.
 
-Every URL, checksum and size below is copied from `reference/datasets_and_weights.md`.
+Every URL, checksum and size below is copied from `docs/data_and_weights.md`.
 """
 
 from __future__ import annotations

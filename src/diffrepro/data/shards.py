@@ -22,6 +22,7 @@ import numpy as np
 
 from diffrepro.atomic import atomic_path
 from diffrepro.errors import UserError
+from diffrepro.inputs import read_json
 
 DEFAULT_SHARD_SIZE = 8192
 
@@ -104,10 +105,7 @@ def write_split(split_dir, images, labels, super_labels, shard_size=DEFAULT_SHAR
 
 
 def read_index(split_dir: str | Path) -> dict:
-    index_file = Path(split_dir) / "index.json"
-    if not index_file.exists():
-        raise UserError(f"{index_file} is missing: run `dvc repro` to (re)build it")
-    return json.loads(index_file.read_text())
+    return read_json(Path(split_dir) / "index.json", "dvc repro")
 
 
 class ShardedSplit:
@@ -167,7 +165,4 @@ def write_classes(prepared_dir: str | Path, classes: dict) -> None:
 
 
 def read_classes(prepared_dir: str | Path) -> dict:
-    path = Path(prepared_dir) / "classes.json"
-    if not path.exists():
-        raise UserError(f"{path} is missing: run `dvc repro prepare`")
-    return json.loads(path.read_text())
+    return read_json(Path(prepared_dir) / "classes.json", "dvc repro prepare")

@@ -157,11 +157,18 @@ class GaussianDiffusion:
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Original-scale timesteps the network is called with for this diffusion's indices t."""
-        return self.timestep_map[t.cpu()].to(t.device) if self.is_respaced else t
+        return self._on(self.timestep_map, t.device)[t] if self.is_respaced else t
 
-    @staticmethod
-    def _gather(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        values = table[t.cpu()].to(device=like.device, dtype=like.dtype)
+    def _on(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`table` on `device`, copied once: per-step lookups never sync with the host."""
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (id(table), str(device))
+        if key not in cache:
+            cache[key] = table.to(device)
+        return cache[key]
+
+    def _gather(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        values = self._on(table, t.device)[t].to(device=like.device, dtype=like.dtype)
         return values.view(-1, *([1] * (like.ndim - 1)))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:

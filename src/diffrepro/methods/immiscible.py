@@ -9,16 +9,17 @@ per-sample k-nearest choice: draw k candidate noises per image and keep the clos
 The training loop calls a `NoiseAssigner` right after encoding a batch, instead of drawing the noise
 itself, and before drawing the timesteps (so, as in the official code, t plays no part):
 
-    noise = assigner(x0, generator, accelerator)
+    noise = assigner(x0, generator)        # or assigner.assign(x0, drawn_noise)
+
+The cost matrix is built on the batch's device; only scipy's solve runs on the host (a B×B copy).
 
 Modes (the run param `assignment`):
 - `none`: plain N(0, I) noise.
 - `lsa`: linear assignment over the batch this process holds.
 - `lsa_global`: linear assignment over the global batch of all processes, as the official SD runs
-  (8 GPUs x 256 = 2048). Every process gathers the noise and the cost rows and solves the same
-  problem, so each ends with the same permutation and keeps its own slice; the official code
-  solves on rank 0 and sends the slices, which gives the same result. Needs the same batch size on
-  every process (a drop_last loader).
+  (8 GPUs x 256 = 2048). The training loop draws the global batch on every process anyway, so
+  each process solves the same problem on it (cost matrix on its device) and keeps its slice —
+  no communication; the official code solves on rank 0 and sends the slices, with the same result.
 - `knn`: k candidates per image, keep the nearest. Local, no communication. Unlike a permutation it
   changes the noise marginal (see `norm_bias`).
 
@@ -101,32 +102,22 @@ class NoiseAssigner:
         self.mode, self.k, self.quantize_fp16, self.squared = mode, k, quantize_fp16, squared
 
     @torch.no_grad()
-    def __call__(self, x0: torch.Tensor, generator: torch.Generator | None = None,
-                 accelerator=None) -> torch.Tensor:
+    def __call__(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Noise shaped like x0. With k = 1 or mode `none` this is exactly `randn(x0.shape)`."""
         if self.mode == "knn":
             candidates = self._randn((x0.shape[0], self.k, *x0.shape[1:]), x0, generator)
             return knn_select(x0, candidates, self.quantize_fp16, self.squared)
-        return self.assign(x0, self._randn(x0.shape, x0, generator), accelerator)
+        return self.assign(x0, self._randn(x0.shape, x0, generator))
 
     @torch.no_grad()
-    def assign(self, x0: torch.Tensor, noise: torch.Tensor, accelerator=None) -> torch.Tensor:
-        """Re-pair given noise with x0 (modes none/lsa/lsa_global): returns a permutation of it."""
+    def assign(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Re-pair given noise with x0 (modes none/lsa/lsa_global): returns a permutation of it.
+        `lsa` and `lsa_global` differ only in the batch they are given (a process's or the global)."""
         if self.mode == "knn":
             raise UserError("knn assignment draws its own candidates; call the assigner, not assign()")
         if self.mode == "none":
             return noise
-        if self.mode == "lsa" or accelerator is None or accelerator.num_processes == 1:
-            return noise[lsa_permutation(pair_cost(x0, noise, self.quantize_fp16, self.squared))]
-        return self._assign_global(x0, noise, accelerator)
-
-    def _assign_global(self, x0, noise, accelerator):
-        all_noise = accelerator.gather(noise.contiguous())  # (W·B, ...), process order
-        rows = pair_cost(x0, all_noise, self.quantize_fp16, self.squared)  # this process's B rows
-        cost = accelerator.gather(rows.contiguous())  # (W·B, W·B), identical on every process
-        perm = lsa_permutation(cost)
-        start = accelerator.process_index * x0.shape[0]
-        return all_noise[perm[start:start + x0.shape[0]]]
+        return noise[lsa_permutation(pair_cost(x0, noise, self.quantize_fp16, self.squared))]
 
     @staticmethod
     def _randn(shape, x0, generator):
@@ -144,6 +135,7 @@ def norm_bias(noise: torch.Tensor) -> float:
     return (noise.flatten(1).double().square().sum(1).mean() / d - 1).item()
 
 
-def mean_pair_distance(x0: torch.Tensor, noise: torch.Tensor) -> float:
-    """Mean L2 distance between each image and the noise paired with it (float64)."""
-    return (x0.flatten(1).double() - noise.flatten(1).double()).norm(dim=1).mean().item()
+def mean_pair_distance(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Mean L2 distance between each image and the noise paired with it (0-d float64, on their
+    device: the training loop reads it once at the end, not every step)."""
+    return (x0.flatten(1).double() - noise.flatten(1).double()).norm(dim=1).mean()

@@ -34,18 +34,24 @@ def tiny_autoencoder(image_size: int, block_out_channels=(32, 64), latent_channe
     )
 
 
-def load_autoencoder(path: str | Path):
-    """Load an AutoencoderKL folder (tiny or SD); one clear line when it is missing or broken."""
+def load_autoencoder(path: str | Path, how_to_get: str = "run `dvc repro autoencoder`"):
+    """Load an AutoencoderKL folder (tiny or SD; safetensors weights only); one clear line, and no
+    diffusers warnings, when it is missing or broken, ending with `how_to_get` it (the stage that
+    builds it, or where to download it)."""
     from diffusers import AutoencoderKL
+    from diffusers.utils import logging as diffusers_logging
 
     path = Path(path)
     if not (path / "config.json").exists():
-        raise UserError(f"autoencoder folder {path} has no config.json: run `dvc repro autoencoder`, "
-                        f"or for paper profiles {SD_VAE_HELP}")
+        raise UserError(f"autoencoder folder {path} has no config.json: {how_to_get}")
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # it logs the error it then raises
     try:
-        vae = AutoencoderKL.from_pretrained(path)
+        vae = AutoencoderKL.from_pretrained(path, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"cannot load the autoencoder in {path}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load the autoencoder in {path} ({str(err).splitlines()[0]}): {how_to_get}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     return vae.eval().requires_grad_(False)
 
 

@@ -310,7 +310,7 @@ def sd_noise_scheduler():
 
 def sd_training_loss(model: nn.Module, components: SDComponents, pixel_values: torch.Tensor,
                      input_ids: torch.Tensor, noise_scheduler, assigner,
-                     generator: torch.Generator | None = None, accelerator=None) -> torch.Tensor:
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """The official SD training objective on one batch of images in [-1, 1] and their token ids.
 
     The noise comes from `assigner` (a `methods.immiscible.NoiseAssigner`), drawn after encoding and
@@ -322,7 +322,7 @@ def sd_training_loss(model: nn.Module, components: SDComponents, pixel_values: t
         posterior = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
         latents = posterior.sample(generator) * vae.config.scaling_factor
         context = components.text_encoder(input_ids.to(components.text_encoder.device))[0]
-        noise = assigner(latents, generator, accelerator)
+        noise = assigner(latents, generator)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                       generator=generator, device=generator.device if generator else latents.device)
     t = t.to(latents.device)

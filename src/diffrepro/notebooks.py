@@ -1,0 +1,46 @@
+"""`figures` stage: every notebook of notebooks/, executed by papermill on this profile's results.
+
+Each notebook draws one PNG into `<report.dir>/plots/`, reading `metrics/<profile>/`; the executed
+copy is kept in `<report.dir>/notebooks/`. jupyter_client interrupts (SIGINT) a kernel before it
+asks it to shut down; a finished kernel still handling a message then logs "KeyboardInterrupt
+caught in kernel" although nothing failed, so the kernels here are shut down without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jupyter_client.manager import AsyncKernelManager
+
+from diffrepro.config import logs_dir, metrics_dir
+from diffrepro.errors import UserError
+
+NOTEBOOK_DIR = Path("notebooks")
+NOTEBOOKS = ("sample_grids", "loss_curves", "immiscible_quality_vs_steps", "speedups",
+             "finediffusion_superclass_accuracy")
+
+
+class QuietShutdownKernelManager(AsyncKernelManager):
+    """Interrupts a kernel only when asked to, never on the way to shutting it down."""
+
+    async def _async_interrupt_kernel(self) -> None:
+        if not self.shutting_down:
+            await super()._async_interrupt_kernel()
+
+
+def figures_stage(params: dict) -> None:
+    import papermill
+
+    out = Path(params["report"]["dir"])
+    parameters = {"metrics_dir": str(metrics_dir(params)), "logs_dir": str(logs_dir(params)),
+                  "out_dir": str(out / "plots")}
+    (out / "notebooks").mkdir(parents=True, exist_ok=True)
+    for name in NOTEBOOKS:
+        source, executed = NOTEBOOK_DIR / f"{name}.ipynb", out / "notebooks" / f"{name}.ipynb"
+        try:
+            papermill.execute_notebook(str(source), str(executed), parameters=parameters, kernel_name="python3",
+                                       progress_bar=False, cwd=".", kernel_manager_class=QuietShutdownKernelManager)
+        except papermill.PapermillExecutionError as err:
+            first = (str(err.evalue).strip().splitlines() or [""])[0]
+            raise UserError(f"{source} failed in cell {err.exec_count} ({err.ename}: {first}); "
+                            f"the executed notebook is {executed}") from None
