@@ -244,6 +244,11 @@ def logs_dir(params: dict) -> Path:
     return Path("logs") / params["profile"]
 
 
+def run_key(run: str) -> str:
+    """Where a run's params live in params.yaml, for messages: `runs.<run>` (or `pretrain`)."""
+    return "pretrain" if run == "pretrain" else f"runs.{run}"
+
+
 def run_params(params: dict, run: str) -> dict:
     """The `runs.<run>` section (or `pretrain`, the base model fine-tuning starts from)."""
     if run == "pretrain":

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from diffrepro.errors import UserError
-from diffrepro.paths import PAUSED_EXIT_CODE, pause_marker
+from diffrepro.paths import PAUSED_EXIT_CODE, num_processes, pause_marker
 
 
 def accelerate_config_file() -> Path | None:
@@ -37,11 +37,9 @@ def accelerate_config_file() -> Path | None:
 
 def process_count() -> int | None:
     """Processes to start on this machine; None when accelerate's config file decides."""
-    value = os.environ.get("DIFFREPRO_NUM_PROCESSES")
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise UserError(f"environment: DIFFREPRO_NUM_PROCESSES={value!r} must be a positive integer")
-        return int(value)
+    requested = num_processes()
+    if requested is not None:
+        return requested
     if accelerate_config_file() is not None:
         return None
     import torch

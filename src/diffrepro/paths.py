@@ -46,6 +46,11 @@ def _positive_env(name: str, kind=int):
     return number
 
 
+def num_processes() -> int | None:
+    """`DIFFREPRO_NUM_PROCESSES`, if set (the launcher's first choice)."""
+    return _positive_env("DIFFREPRO_NUM_PROCESSES")
+
+
 def batch_per_device() -> int | None:
     return _positive_env("DIFFREPRO_BATCH_PER_DEVICE")
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from diffrepro import fingerprint
 from diffrepro.atomic import atomic_path
-from diffrepro.config import logs_dir, run_params
+from diffrepro.config import logs_dir, run_key, run_params
 from diffrepro.errors import TrainingPaused, UserError
 from diffrepro.inputs import read_safetensors
 from diffrepro.methods import get_method
@@ -40,11 +40,6 @@ from diffrepro.runs import (build_network, class_counts, learns_sigma, model_con
                            train_command, training_set)
 
 NUM_TIMESTEPS = 1000
-
-
-def _config_hash(params: dict, run: str) -> str:
-    """What a checkpoint carries (`fingerprint.training`): a run never resumes under other params."""
-    return fingerprint.training(params, run)
 
 
 def _load_init(model: torch.nn.Module, cfg: dict) -> str | None:
@@ -121,7 +116,7 @@ class Trainer:
         num_classes, num_super = class_counts(params["data"]["prepared_dir"], cfg["split"])
         self.model_kwargs = model_config(cfg, self.method, self.data_shape, num_classes, num_super)
         self.micro_batches = micro_batch_count(cfg["batch_size"], accelerator.num_processes, batch_per_device(),
-                                               f"runs.{run}.batch_size" if run != "pretrain" else "pretrain.batch_size")
+                                               f"{run_key(run)}.batch_size")
         torch.manual_seed(self.seed)
         self.model = build_network(cfg["model"], self.model_kwargs, cfg["diffusion"])
         self.base_dir = _load_init(self.model.net if cfg["diffusion"] == "edm" else self.model, cfg)
@@ -256,7 +251,7 @@ class Trainer:
     def state(self, step: int) -> dict:
         return {"model": self.net.state_dict(), "ema": self.ema.state_dict(),
                 "opt": self.opt.state_dict(), "step": step, "images_seen": self.images_seen,
-                "config_hash": _config_hash(self.params, self.run)}
+                "config_hash": fingerprint.training(self.params, self.run)}
 
     def load_state(self, state: dict) -> int:
         self.net.load_state_dict(state["model"])
@@ -274,7 +269,7 @@ def _resume(trainer: Trainer, ckpt: Path) -> int:
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
         except Exception as err:  # a checkpoint cut short by a full disk or a kill during rename
             raise UserError(f"{ckpt} is unreadable ({type(err).__name__}); delete it to restart the run") from None
-        if state.get("config_hash") == _config_hash(trainer.params, trainer.run):
+        if state.get("config_hash") == fingerprint.training(trainer.params, trainer.run):
             try:
                 return trainer.load_state(state)
             except RuntimeError as err:
