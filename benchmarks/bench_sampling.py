@@ -27,9 +27,9 @@ def _labels(num_classes: int, batch: int) -> torch.Tensor:
 
 
 def bench_gaussian(params: dict, run: str, batch: int) -> list[dict]:
-    from diffrepro.diffusion.gaussian import GaussianDiffusion, guided_model_fn, make_betas, sample
+    from diffrepro.diffusion.gaussian import guided_model_fn, sample
     from diffrepro.models.autoencoder import load_autoencoder
-    from diffrepro.runs import learns_sigma
+    from diffrepro.runs import noise_process
 
     cfg = params["runs"][run]
     model, config = load_trained(Path("models") / run)
@@ -40,7 +40,7 @@ def bench_gaussian(params: dict, run: str, batch: int) -> list[dict]:
     guide = method.guidance_labels(y, y, model)
     scale = cfg["guidance_scale"]
     fn = guided_model_fn(model, y, guide, scale, guided_channels=cfg["guided_channels"])
-    diffusion = GaussianDiffusion(make_betas(config["schedule"], 1000), learn_sigma=learns_sigma(model))
+    diffusion = noise_process(config, model)
     x_T = torch.randn(batch, kw["in_channels"], kw["input_size"], kw["input_size"],
                       generator=torch.Generator().manual_seed(0))
     x, t, labels = (torch.cat([x_T, x_T]), torch.full((2 * batch,), 500), torch.cat([y, guide])) \

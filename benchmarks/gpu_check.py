@@ -110,20 +110,17 @@ def train_throughput(precision: str, device: torch.device, model_name: str = DIT
                      batch: int = DIT_BATCH, repeats: int = 10, warmup: int = 3) -> dict:
     """Steps/s and peak memory of AdamW training steps (with `train`'s EMA update) of one model, in
     `precision`: bf16 autocast, fp32 with TF32 matmuls (DiT, DiMR, SD runs), or full fp32 (EDM runs)."""
-    import copy
-
     import torch.nn.functional as F
 
     from diffrepro.models.registry import build_model
-    from diffrepro.train import update_ema
+    from diffrepro.train import RunEma
 
     use_tf32(precision != "fp32")  # as `train` sets it (diffrepro.runs.set_matmul_precision)
     torch.manual_seed(0)
     with device:
         model = build_model(model_name, **model_kwargs)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    params, ema_params = list(model.parameters()), list(ema.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    ema = RunEma(model, 0.9999, warmup=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     inputs = model.example_inputs(batch, device)
     target = torch.randn_like(model(*inputs)).detach()
 
@@ -133,7 +130,7 @@ def train_throughput(precision: str, device: torch.device, model_name: str = DIT
         F.mse_loss(out.float(), target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        update_ema(ema_params, params, 0.9999)
+        ema.update(model, 0)
 
     cuda = device.type == "cuda"
     if cuda:

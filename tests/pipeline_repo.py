@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("src", "conf", "notebooks", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config")
+COPIED = ("src", "conf", "hydra_plugins", "notebooks", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
+          ".dvc/config")
 
 
 def make_repo(path: Path) -> Path:
@@ -17,6 +18,8 @@ def make_repo(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         src, dst = ROOT / name, path / name
+        if not src.exists():
+            continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -27,6 +30,24 @@ def make_repo(path: Path) -> Path:
     run(path, "git", "add", "-A")
     run(path, "git", "commit", "-qm", "pipeline copy")
     return path
+
+
+def copy_repo(repo: Path, dst: Path) -> Path:
+    """A copy of a pipeline repo (its git history, outputs, DVC cache and run cache) that a test may
+    change; without .dvc/tmp (the original's locks, indexes and experiment queue)."""
+    shutil.copytree(repo, dst, symlinks=True,
+                    ignore=lambda folder, names: ["tmp"] if Path(folder) == repo / ".dvc" else [])
+    return dst
+
+
+def copy_outputs(repo: Path, dst: Path, *outputs: str) -> Path:
+    """A plain folder (no git, no DVC) holding `repo`'s params.yaml and the given outputs: what the
+    stage commands that make them leave, for tests that run further stages in this process."""
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(repo / "params.yaml", dst / "params.yaml")
+    for output in outputs:
+        shutil.copytree(repo / output, dst / output)
+    return dst
 
 
 def env(path: Path) -> dict:

@@ -5,13 +5,9 @@ from pathlib import Path
 
 
 def save_random_lpips_weights(models_dir: Path) -> None:
-    """Random weights in the layouts of torchvision's alexnet-owt-7be5be79.pth and lpips v0.1
-    alex.pth, at the default `evaluate.alexnet_weights` / `evaluate.lpips_weights` paths."""
+    """Random weights in the layout of torchvision's alexnet-owt-7be5be79.pth (LPIPS's trunk), at
+    the default `evaluate.alexnet_weights` path; LPIPS's linear layers come with the lpips package."""
     import torch
     import torchvision
 
-    from diffrepro.lpips import TAP_CHANNELS
-
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), models_dir / "alexnet-owt-7be5be79.pth")
-    torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(TAP_CHANNELS)},
-               models_dir / "lpips-v0.1-alex.pth")

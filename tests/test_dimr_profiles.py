@@ -19,6 +19,8 @@ from diffrepro.methods import get_method
 from diffrepro.models.info import model_info
 from diffrepro.profiles import compose
 from diffrepro.runs import model_config
+from params_util import recompose
+from pipeline_repo import stage_in
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -70,26 +72,19 @@ def test_dit_baseline_is_dit_xl2_with_dits_settings(profile):
     assert info["params"] == 675_129_632 and info["gmacs"] == pytest.approx(118.6, rel=0.01)
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
-
-
-def _cli(workdir: Path, *args: str, launcher: tuple[str, ...] = ("-m", "diffrepro"), **env: str) -> None:
-    proc = subprocess.run([sys.executable, *launcher, *args], cwd=workdir, env={**_env(), **env},
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, f"{args}: {proc.stderr[-3000:]}"
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """The XL/2R profile as is but at tiny dims, through `train dimr`: the ImageNet folder fixture,
-    a tiny VAE in the SD folder layout (f = 8, scaling 0.18215), random Inception weights."""
+    a tiny VAE in the SD folder layout (f = 8, scaling 0.18215), random Inception weights. The stage
+    commands run in this process (`stage_in`), on one thread as a stage process with OMP_NUM_THREADS=1."""
     from fixtures_real import build_imagenet_tree
     from diffrepro.device_standin import random_fid_inception_state
     from random_weights import save_random_lpips_weights
 
     from diffrepro.models.autoencoder import tiny_autoencoder
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("dimr_profile")
     params = compose("dimr_xl2r_imagenet256", conf_dir=CONF)
     params["data"]["image_size"] = 32
@@ -98,7 +93,7 @@ def workspace(tmp_path_factory) -> Path:
     params["runs"] = {"dimr": params["runs"]["dimr"]}  # the run the report here is made of
     for run in (params["pretrain"], params["runs"]["dimr"]):
         run.update(model="DiMR-mini/2R", steps=min(run["steps"], 2), batch_size=4, sample_steps=3, bf16=False)
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    (work / "params.yaml").write_text(yaml.safe_dump(recompose(params)))
     build_imagenet_tree(work / "data" / "raw")
     vae = tiny_autoencoder(32, (8, 8, 8, 8), 4, 1)
     vae.register_to_config(scaling_factor=0.18215)
@@ -106,18 +101,19 @@ def workspace(tmp_path_factory) -> Path:
     torch.save(random_fid_inception_state(), work / "models" / "inception.pth")
     save_random_lpips_weights(work / "models")
     for stage in ("prepare", "autoencoder", "extract-latents", "features"):
-        _cli(work, stage)
-    _cli(work, "train", "pretrain")
-    _cli(work, "train", "dimr")
-    return work
+        stage_in(work, stage)
+    stage_in(work, "train", "pretrain")
+    stage_in(work, "train", "dimr")
+    yield work
+    torch.set_num_threads(threads)
 
 
 def test_dimr_xl2r_profile_structure_runs_at_tiny_size_and_exports_the_adm_npz(workspace):
     for stage in ("sample", "evaluate"):
-        _cli(workspace, stage, "dimr")
-    _cli(workspace, "speed")
-    _cli(workspace, "report")
-    _cli(workspace, "adm-npz", "dimr")
+        stage_in(workspace, stage, "dimr")
+    stage_in(workspace, "speed")
+    stage_in(workspace, "report")
+    stage_in(workspace, "adm-npz", "dimr")
 
     classes = json.loads((workspace / "data" / "prepared" / "classes.json").read_text())
     assert len(classes["classes"]) == 3
@@ -139,19 +135,25 @@ def test_dimr_xl2r_profile_structure_runs_at_tiny_size_and_exports_the_adm_npz(w
 
 
 def test_sampling_is_class_balanced_and_independent_of_the_process_count(workspace, tmp_path):
-    """9 images in chunks of 2: one process makes all 5 chunks; two processes split them 3 + 2."""
+    """9 images in chunks of 2: one process (this one) makes all 5 chunks; two processes started by
+    `accelerate launch` split them 3 + 2."""
     per_class = 3
     outputs = {}
-    for name, launcher in [("one", ("-m", "diffrepro")),
-                           ("two", ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                                    "-m", "diffrepro"))]:
+    for name in ("one", "two"):
         work = tmp_path / name
         shutil.copytree(workspace, work, ignore=shutil.ignore_patterns("samples", "metrics", "reports", "checkpoints"))
         params = yaml.safe_load((work / "params.yaml").read_text())
         params["sample"].update(per_class=per_class, batch_size=2)
         (work / "params.yaml").write_text(yaml.safe_dump(params))
-        _cli(work, "sample", "dimr", launcher=launcher, ACCELERATE_USE_CPU="1")
+        if name == "one":
+            stage_in(work, "sample", "dimr")
+        else:
+            proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                                   "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                   "-m", "diffrepro", "sample", "dimr"], cwd=work, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1",
+                                       "ACCELERATE_USE_CPU": "1"})
+            assert proc.returncode == 0, proc.stderr[-3000:]
         with np.load(work / "samples" / "dimr" / "final.npz") as npz:
             outputs[name] = {key: npz[key] for key in npz.files}
     one, two = outputs["one"], outputs["two"]

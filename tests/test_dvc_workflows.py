@@ -8,16 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_repo import ROOT, make_repo, run
+from pipeline_repo import ROOT, copy_repo, run
 
 
 @pytest.fixture(scope="module")
-def pushed(tmp_path_factory):
-    """A smoke run pushed (outputs + run-cache) to a local-folder remote, and a bare clone of it."""
+def pushed(tmp_path_factory, smoke_repo):
+    """The session's smoke run (a copy) committed and pushed (outputs + run-cache) to a local-folder remote."""
     base = tmp_path_factory.mktemp("remote")
-    remote, origin = base / "dvc-remote", make_repo(base / "origin")
+    remote, origin = base / "dvc-remote", copy_repo(smoke_repo, base / "origin")
     run(origin, "dvc", "remote", "add", "-d", "shared", str(remote))
-    run(origin, "dvc", "exp", "run", "-S", "profile=smoke")
     run(origin, "git", "add", "-A")
     run(origin, "git", "commit", "-qm", "smoke results")
     run(origin, "dvc", "push", "--run-cache")
@@ -50,17 +49,21 @@ def test_a_laptop_gets_every_number_without_pulling_or_rerunning(pushed, tmp_pat
 
 
 def test_queued_guidance_sweep_runs_and_exp_show_lists_the_metrics(pushed):
+    """Each queued experiment reproduces what the sweep is about, the run's samples and metrics
+    (`evaluate@finediffusion` as the target), in its own temporary copy of the workspace."""
     origin, _ = pushed
-    run(origin, "dvc", "exp", "run", "--queue", "-S", "profile=smoke", "-S", "runs.finediffusion.guidance_scale=1.0,4.0")
+    run(origin, "dvc", "exp", "run", "--queue", "-S", "profile=smoke", "-S", "runs.finediffusion.guidance_scale=1.0,4.0",
+        "evaluate@finediffusion")
     run(origin, "dvc", "queue", "start", "-j", "1")
     run(origin, "dvc", "queue", "status")
     import time
 
-    for _ in range(120):
+    for _ in range(300):
         status = run(origin, "dvc", "queue", "status").stdout
         if "Queued" not in status and "Running" not in status:
             break
-        time.sleep(5)
+        time.sleep(2)
+    assert "Failed" not in status, status
     shown = json.loads(run(origin, "dvc", "exp", "show", "--json").stdout)
     text = json.dumps(shown)
     assert "guidance_scale" in text and "fine_accuracy" in text

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffrepro.diffusion.edm import (EDMDenoiser, edm_loss, edm_sample, edm_sigmas, heun_nfe, loss_weight,
+from diffrepro.diffusion.edm import (EDM, EDMDenoiser, edm_loss, edm_sample, edm_sigmas, heun_nfe, loss_weight,
                                      make_denoiser_fn, preconditioning)
 from diffrepro.errors import UserError
 from diffrepro.models.info import model_info
@@ -95,17 +95,42 @@ def test_loss_uses_given_noise_and_edm_weighting():
     assert torch.allclose(loss, expected, rtol=1e-5)
 
 
-def test_training_noise_levels_are_lognormal_with_p_mean_and_p_std():
+@pytest.mark.parametrize("drawn_by", ["edm_loss", "training loop"])
+def test_training_noise_levels_are_lognormal_with_p_mean_and_p_std(drawn_by):
     seen = {}
 
     def record(x, sigma, y):
         seen["sigma"] = sigma
         return x
 
-    edm_loss(record, torch.zeros(40_000, 1, 1, 1), generator=torch.Generator().manual_seed(5))
+    if drawn_by == "edm_loss":
+        edm_loss(record, torch.zeros(40_000, 1, 1, 1), generator=torch.Generator().manual_seed(5))
+    else:  # the run's process draws σ for the global batch on the host
+        seen["sigma"] = EDM().draw_levels(40_000, torch.Generator().manual_seed(5))
     log_sigma = seen["sigma"].double().log()
     assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.03)
     assert log_sigma.std().item() == pytest.approx(1.2, abs=0.03)
+
+
+def test_the_run_process_trains_edms_loss_at_the_drawn_sigma_with_the_given_noise_and_inputs():
+    x0 = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(6))
+    noise = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(7))
+    process = EDM.for_run("linear", None)
+    sigma = process.draw_levels(5, torch.Generator().manual_seed(8))
+    labels, coords = torch.arange(5), torch.ones(5, 2, 4, 4)
+    seen = {}
+
+    def zero_denoiser(x, s, y, coords):
+        seen.update(x=x, sigma=s, y=y, coords=coords)
+        return torch.zeros_like(x)
+
+    loss = process.loss(zero_denoiser, x0, sigma, noise, labels, {"coords": coords})
+    s = sigma.view(-1, 1, 1, 1)
+    assert torch.equal(seen["sigma"], sigma) and seen["y"] is labels and seen["coords"] is coords
+    assert torch.allclose(seen["x"], x0 + s * noise)
+    expected = ((s**2 + SD**2) / (s * SD) ** 2).flatten() * x0.square().flatten(1).sum(1)
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert isinstance(process.network(build_model("ddpmpp-mini")), EDMDenoiser)
 
 
 @pytest.mark.parametrize("steps", [2, 18, 50])

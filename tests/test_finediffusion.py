@@ -3,12 +3,15 @@ delta storage, and loading the official DiT weights; plus the BitFit / DiffFit b
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from diffrepro.errors import UserError
 from diffrepro.methods import get_method
-from diffrepro.methods.finediffusion import load_delta, load_official_dit, save_delta
+from diffrepro.methods.finediffusion import load_official_dit
 from diffrepro.models.info import model_info
 from diffrepro.models.registry import build_model
 
@@ -155,9 +158,27 @@ def test_finediffusion_needs_superclass_rows():
 
 
 def test_stored_delta_reassembles_the_finetuned_model_exactly(tmp_path):
+    """The training stage's weight files for a PEFT run (train._save_weights: trained tensors only)
+    rebuilt on the base run by runs.load_trained, as the sample stage does."""
+    from safetensors.torch import load_file, save_file
+
+    from diffrepro.runs import load_trained
+    from diffrepro.train import _save_weights
+
+    base_kwargs = dict(input_size=8, in_channels=4, num_classes=NUM_CLASSES, class_embed_init_std=1.0)
+    fine_kwargs = dict(base_kwargs, num_super_classes=NUM_SUPER, affine_norms=True)
+    base = tiny_dit()  # the pretrain run: an 11-row class table, no LayerNorm affines
+    randomize(base)
+    base_dir, fine_dir = tmp_path / "pretrain", tmp_path / "finediffusion"
+    base_dir.mkdir()
+    for which in ("ema", "model"):
+        save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(base_dir / f"{which}.safetensors"))
+    (base_dir / "config.json").write_text(json.dumps(
+        {"model": "DiT-tiny/2", "model_kwargs": base_kwargs, "diffusion": "gaussian", "delta_of": None}))
+
     model = tiny_finediffusion()
-    randomize(model)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    fitting = {k: v for k, v in base.state_dict().items() if v.shape == model.state_dict()[k].shape}
+    model.load_state_dict(fitting, strict=False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for step in range(3):
         x, t, y = inputs(seed=step)
@@ -167,23 +188,27 @@ def test_stored_delta_reassembles_the_finetuned_model_exactly(tmp_path):
     x, t, y = inputs(seed=99)
     with torch.no_grad():
         finetuned = model(x, t, y)
-    save_delta(model, tmp_path / "delta.safetensors")
+    fine_dir.mkdir()
+    _save_weights(SimpleNamespace(net=model, ema=model, delta_of=str(base_dir)), fine_dir)
+    config = {"model": "DiT-tiny/2", "model_kwargs": fine_kwargs, "diffusion": "gaussian", "delta_of": str(base_dir)}
+    (fine_dir / "config.json").write_text(json.dumps(config))
 
-    fresh = tiny_finediffusion(seed=123)
-    fresh.load_state_dict(base_state)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    for which in ("ema", "model"):
+        stored = load_file(str(fine_dir / f"{which}.safetensors"))
+        assert set(stored) == trained and len(trained) < len(model.state_dict())
+        rebuilt, _ = load_trained(fine_dir, which)
+        with torch.no_grad():
+            assert torch.equal(rebuilt(x, t, y), finetuned)
+    fresh = tiny_finediffusion(seed=123)  # without the delta the model is another one
+    fresh.load_state_dict(fitting, strict=False)
     with torch.no_grad():
         assert not torch.equal(fresh(x, t, y), finetuned)
-        assert torch.equal(load_delta(fresh, tmp_path / "delta.safetensors")(x, t, y), finetuned)
-        merged = load_delta(base_state, tmp_path / "delta.safetensors")
-        other = tiny_finediffusion(seed=321)
-        other.load_state_dict(merged, strict=True)
-        assert torch.equal(other(x, t, y), finetuned)
 
-    from safetensors.torch import load_file
-    stored = load_file(str(tmp_path / "delta.safetensors"))
-    assert set(stored) == {n for n, p in model.named_parameters() if p.requires_grad}
-    with pytest.raises(UserError):
-        load_delta(tiny_dit(), tmp_path / "delta.safetensors")  # 11-row table ≠ 13-row delta
+    config["model_kwargs"]["num_super_classes"] = NUM_SUPER + 2  # a 15-row table ≠ the 13-row delta
+    (fine_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="does not fit"):
+        load_trained(fine_dir)
 
 
 OFFICIAL_KEYS_TWO_BLOCKS = {

@@ -416,3 +416,47 @@ def test_increasing_guidance_rises_from_one_at_pure_noise_by_dimrs_power_cosine(
         t = torch.full((2,), t_value)
         cond, uncond = net(x, t, y=labels), net(x, t, y=null)
         assert torch.allclose(guide(x, t)[:, :4], uncond[:, :4] + w * (cond[:, :4] - uncond[:, :4]), atol=1e-5)
+
+
+def test_the_run_process_learns_sigma_with_2c_outputs_draws_uniform_t_and_trains_labels_as_y():
+    from diffrepro.models.registry import build_model
+    from diffrepro.runs import noise_process
+
+    run = {"diffusion": "gaussian", "schedule": "linear"}
+    dit = build_model("DiT-tiny/2", input_size=8, in_channels=4, num_classes=3)  # ε and Σ: 2C channels
+    unet = build_model("ddpmpp-mini", input_size=8, in_channels=3, num_classes=3)  # ε only
+    assert noise_process(run, dit).learn_sigma and not noise_process(run, unet).learn_sigma
+    process = noise_process(run, unet)
+    t = process.draw_levels(50_000, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and t.min() == 0 and t.max() == T - 1
+    assert (torch.bincount(t // 100, minlength=10).double() / 5_000 - 1).abs().max() < 0.06
+
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t, labels, coords = torch.tensor([0, 10, 500, 999]), torch.tensor([2, 0, 1, 1]), torch.ones(4, 2, 8, 8)
+    seen = {}
+
+    def zero_eps(x_t, timesteps, y, coords):
+        seen.update(x_t=x_t, t=timesteps, y=y, coords=coords)
+        return torch.zeros_like(x_t)
+
+    loss = process.loss(zero_eps, x0, t, noise, labels, {"coords": coords})
+    ab = np_alphas_cumprod(make_betas("linear", T))[t.numpy()].reshape(-1, 1, 1, 1)
+    expected = torch.tensor(np.sqrt(ab) * x0.double().numpy() + np.sqrt(1 - ab) * noise.double().numpy())
+    assert torch.allclose(seen["x_t"].double(), expected, atol=1e-6)
+    assert torch.equal(seen["t"], t) and seen["y"] is labels and seen["coords"] is coords
+    assert torch.allclose(loss, noise.square().mean((1, 2, 3)))  # ε̂ = 0: the loss is ‖ε‖²/D, no vb term
+
+
+def test_every_configurable_diffusion_is_a_process_and_an_unknown_one_is_one_line():
+    from diffrepro.schema import CHOICES
+    from diffrepro.diffusion import Diffusion
+    from diffrepro.errors import UserError
+    from diffrepro.models.registry import build_model
+    from diffrepro.runs import noise_process
+
+    unet = build_model("ddpmpp-mini", input_size=8, in_channels=3, num_classes=3)
+    for name in CHOICES["diffusion"]:
+        assert isinstance(noise_process({"diffusion": name, "schedule": "linear"}, unet), Diffusion)
+    with pytest.raises(UserError, match="diffusion must be one of") as err:
+        noise_process({"diffusion": "flow", "schedule": "linear"}, unet)
+    assert "\n" not in str(err.value)

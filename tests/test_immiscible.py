@@ -10,12 +10,21 @@ import pytest
 import torch
 
 from diffrepro.errors import UserError
-from diffrepro.methods.immiscible import (NoiseAssigner, knn_select, lsa_permutation,
+from diffrepro.methods.immiscible import (ASSIGNERS, knn_select, lsa_permutation, make_assigner,
                                           mean_pair_distance, norm_bias, pair_cost)
+
+EVERYTHING = slice(None)  # one process holds the whole batch
 
 
 def randn(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def assigned(mode, x0, seed, **options):
+    """One process's noise for x0 by `mode`, drawn as the training loop draws it (one generator)."""
+    assigner = make_assigner(mode, **options)
+    gen = torch.Generator().manual_seed(seed)
+    return assigner.assign(x0, assigner.draw(x0.shape, EVERYTHING, gen, gen), EVERYTHING)
 
 
 def brute_force_min(cost: np.ndarray) -> float:
@@ -53,20 +62,20 @@ def test_assigned_noise_is_a_permutation_of_the_drawn_noise_and_images_are_untou
     x0 = randn(16, 4, 4, 4, seed=0)
     x0_before = x0.clone()
     drawn = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
-    assigned = NoiseAssigner("lsa")(x0, torch.Generator().manual_seed(7))
-    equal = (assigned.flatten(1)[:, None] == drawn.flatten(1)[None]).all(-1)  # (16, 16)
+    paired = assigned("lsa", x0, seed=7)
+    equal = (paired.flatten(1)[:, None] == drawn.flatten(1)[None]).all(-1)  # (16, 16)
     assert (equal.sum(0) == 1).all() and (equal.sum(1) == 1).all()
-    assert not torch.equal(assigned, drawn)  # the pairing did change
+    assert not torch.equal(paired, drawn)  # the pairing did change
     assert torch.equal(x0, x0_before)
-    assert norm_bias(assigned) == pytest.approx(norm_bias(drawn), abs=1e-12)
+    assert norm_bias(paired) == pytest.approx(norm_bias(drawn), abs=1e-12)
 
 
 def test_lsa_cuts_the_mean_distance_by_about_two_percent_at_sd_latent_size():
     # docs/papers/immiscible.md §3 (measured): B=128, D=4096 Gaussian stand-ins → the summed distance drops ~2.0 %
     x0 = randn(128, 4, 32, 32, seed=1)
     noise = randn(128, 4, 32, 32, seed=2)
-    assigned = NoiseAssigner("lsa", quantize_fp16=False).assign(x0, noise)
-    cut = 1 - mean_pair_distance(x0, assigned) / mean_pair_distance(x0, noise)
+    paired = make_assigner("lsa", quantize_fp16=False).assign(x0, noise, EVERYTHING)
+    cut = 1 - mean_pair_distance(x0, paired) / mean_pair_distance(x0, noise)
     assert 0.015 < cut < 0.025
 
 
@@ -97,25 +106,26 @@ def test_global_assignment_pairs_across_what_per_process_assignment_cannot():
     # process 0's images lie near process 1's noises and vice versa: per-process matching cannot
     # pair them, the global one (what every process solves on the global batch) must
     x0 = torch.cat([noise[b:], noise[:b]]) + 0.3 * randn(2 * b, 3, 4, 4, seed=9)
-    assigned = NoiseAssigner("lsa_global").assign(x0, noise)
-    assert torch.equal(assigned, torch.cat([noise[b:], noise[:b]]))
-    per_process = torch.cat([NoiseAssigner("lsa").assign(x0[:b], noise[:b]),
-                             NoiseAssigner("lsa").assign(x0[b:], noise[b:])])
-    assert not torch.equal(assigned, per_process)
+    processes = (slice(0, b), slice(b, 2 * b))
+    global_lsa, local_lsa = make_assigner("lsa_global"), make_assigner("lsa")
+    paired = torch.cat([global_lsa.assign(x0, noise, part) for part in processes])
+    assert torch.equal(paired, torch.cat([noise[b:], noise[:b]]))
+    per_process = torch.cat([local_lsa.assign(x0, noise, part) for part in processes])
+    assert not torch.equal(paired, per_process)
 
 
 @pytest.mark.parametrize("mode", ["none", "knn"])
 def test_knn_with_one_candidate_is_plain_sampling(mode):
     x0 = randn(5, 4, 8, 8, seed=10)
     plain = torch.randn(x0.shape, generator=torch.Generator().manual_seed(11))
-    drawn = NoiseAssigner(mode, k=1)(x0, torch.Generator().manual_seed(11))
+    drawn = assigned(mode, x0, seed=11, **({"k": 1} if mode == "knn" else {}))
     assert torch.equal(drawn, plain)
 
 
 def test_knn_keeps_the_nearest_of_k_candidates():
     x0, k = randn(6, 2, 4, 4, seed=12), 9
     candidates = torch.randn((6, k, 2, 4, 4), generator=torch.Generator().manual_seed(13))
-    kept = NoiseAssigner("knn", k=k, quantize_fp16=False)(x0, torch.Generator().manual_seed(13))
+    kept = assigned("knn", x0, seed=13, k=k, quantize_fp16=False)
     dist = (candidates.flatten(2).double() - x0.flatten(1).double()[:, None]).norm(dim=-1)
     assert torch.equal(kept, candidates[torch.arange(6), dist.argmin(1)])
     assert torch.equal(knn_select(x0, candidates, quantize_fp16=False), kept)
@@ -128,9 +138,9 @@ def test_knn_biases_the_noise_norm_low_and_lsa_does_not():
     d, k = 1024, 64
     x0 = randn(256, 4, 16, 16, seed=14)
     expected = -math.sqrt(2 / (3 * d)) * 2.3437
-    knn = NoiseAssigner("knn", k=k)(x0, torch.Generator().manual_seed(15))
-    plain = NoiseAssigner("none")(x0, torch.Generator().manual_seed(15))
-    lsa = NoiseAssigner("lsa")(x0, torch.Generator().manual_seed(15))
+    knn = assigned("knn", x0, seed=15, k=k)
+    plain = assigned("none", x0, seed=15)
+    lsa = assigned("lsa", x0, seed=15)
     assert norm_bias(knn) < -0.03  # the standard error of the mean is ~0.003
     assert norm_bias(knn) == pytest.approx(expected, abs=0.015)
     assert abs(norm_bias(plain)) < 0.012
@@ -139,4 +149,37 @@ def test_knn_biases_the_noise_norm_low_and_lsa_does_not():
 
 def test_unknown_mode_is_a_user_error():
     with pytest.raises(UserError, match="lsa_global"):
-        NoiseAssigner("hungarian")
+        make_assigner("hungarian")
+    with pytest.raises(UserError, match="k >= 1"):
+        make_assigner("knn", k=0)
+
+
+def test_every_configurable_mode_splits_over_two_processes_as_its_definition_says():
+    from diffrepro.schema import CHOICES
+
+    assert set(CHOICES["assignment"]) == set(ASSIGNERS)
+    b, k = 6, 5
+    x0 = randn(2 * b, 3, 4, 4, seed=30)
+    processes = (slice(0, b), slice(b, 2 * b))
+    batch = torch.randn(x0.shape, generator=torch.Generator().manual_seed(31))  # the step's global noise
+    for mode in CHOICES["assignment"]:
+        assigner = make_assigner(mode, **({"k": k} if mode == "knn" else {}))
+        own = [torch.Generator().manual_seed(40 + rank) for rank in range(2)]
+        drawn = [assigner.draw(x0.shape, part, torch.Generator().manual_seed(31), gen)
+                 for part, gen in zip(processes, own)]
+        noise = [assigner.assign(x0, d, part) for d, part in zip(drawn, processes)]
+        assert all(n.shape == (b, 3, 4, 4) for n in noise), mode
+        if mode == "knn":  # each process keeps, per image, one of its own k candidates
+            for d, n in zip(drawn, noise):
+                assert d.shape == (b, k, 3, 4, 4)
+                assert ((d == n[:, None]).flatten(2).all(-1).sum(1) >= 1).all()
+            continue
+        assert all(torch.equal(d, batch) for d in drawn), mode  # every process draws the global batch
+        whole = torch.cat(noise)
+        if mode == "none":
+            assert torch.equal(whole, batch)
+        elif mode == "lsa":
+            assert all(torch.equal(n, make_assigner("lsa").pair(x0[part], batch[part]))
+                       for n, part in zip(noise, processes))
+        else:  # lsa_global: the slices of the one global pairing
+            assert torch.equal(whole, make_assigner("lsa").pair(x0, batch))

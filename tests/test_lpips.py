@@ -1,9 +1,13 @@
-"""LPIPS v0.1 (AlexNet): the published constants, a metric's basic laws, and equality with a
-step-by-step recomputation from the same weight files; the diversity protocol's pairs."""
+"""LPIPS v0.1 (AlexNet) from the `lpips` package: its wheel's v0.1 linear weights, a trunk from
+a local file with nothing downloaded, a metric's basic laws and equality with a step-by-step
+recomputation; the diversity protocol's pairs."""
 
 from __future__ import annotations
 
+import hashlib
+import socket
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,26 +18,30 @@ from diffrepro.errors import UserError
 from diffrepro.lpips import class_pairs, load_lpips, lpips_diversity
 
 CHANNELS = (64, 192, 384, 256, 256)  # AlexNet's 5 ReLU taps
+# sha256 of lpips/weights/v0.1/alex.pth (richzhang/PerceptualSimilarity; docs/data_and_weights.md)
+V01_ALEX_SHA256 = "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0"
 
 
 @pytest.fixture(scope="module")
-def weight_files(tmp_path_factory):
-    """Random weights in the real layouts: torchvision's alexnet-owt-7be5be79.pth state dict and
-    lpips v0.1 alex.pth (lin{k}.model.1.weight, non-negative, shape 1×C×1×1)."""
+def weights(tmp_path_factory):
+    """A random AlexNet saved as torchvision's alexnet-owt-7be5be79.pth state dict, and the v0.1
+    linear weights of the installed lpips wheel."""
+    import lpips
     import torchvision
 
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("lpips")
+    alexnet_file = tmp_path_factory.mktemp("lpips") / "alexnet-owt-7be5be79.pth"
     alexnet = torchvision.models.alexnet(weights=None).state_dict()
-    linear = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(CHANNELS)}
-    torch.save(alexnet, folder / "alexnet-owt-7be5be79.pth")
-    torch.save(linear, folder / "alex.pth")
-    return folder / "alex.pth", folder / "alexnet-owt-7be5be79.pth", alexnet, linear
+    torch.save(alexnet, alexnet_file)
+    linear_file = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
+    return alexnet_file, alexnet, linear_file, torch.load(linear_file, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
-def model(weight_files):
-    return load_lpips(str(weight_files[0]), str(weight_files[1]))
+def model(weights):
+    with pytest.MonkeyPatch.context() as patch:  # no network: a download attempt fails the build
+        patch.setattr(socket.socket, "connect", lambda *args: pytest.fail("LPIPS tried to download"))
+        return load_lpips(str(weights[0]))
 
 
 def _images(n: int, seed: int) -> torch.Tensor:
@@ -63,26 +71,41 @@ def _by_hand(x0: torch.Tensor, x1: torch.Tensor, alexnet: dict, linear: dict) ->
     return total
 
 
+def test_linear_layers_are_the_wheels_v01_weights_and_the_trunk_is_the_local_file(model, weights):
+    alexnet_file, alexnet, linear_file, linear = weights
+    assert hashlib.sha256(linear_file.read_bytes()).hexdigest() == V01_ALEX_SHA256
+    state = model.state_dict()
+    for k, c in enumerate(CHANNELS):  # the package loads its file with strict=False: check each layer
+        weight = linear[f"lin{k}.model.1.weight"]
+        assert weight.shape == (1, c, 1, 1) and (weight >= 0).all()
+        assert torch.equal(state[f"lin{k}.model.1.weight"], weight)
+    trunk = {name: value for name, value in state.items() if name.startswith("net.")}
+    assert len(trunk) == 10  # 5 convs: weight and bias each
+    for name, value in trunk.items():
+        assert torch.equal(value, alexnet[f"features.{name.split('.', 2)[2]}"])
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
 def test_scaling_layer_constants_are_the_published_ones(model):
     # richzhang/PerceptualSimilarity lpips/lpips.py ScalingLayer
-    assert model.shift.flatten().tolist() == pytest.approx([-0.030, -0.088, -0.188])
-    assert model.scale.flatten().tolist() == pytest.approx([0.458, 0.448, 0.450])
+    assert model.scaling_layer.shift.flatten().tolist() == pytest.approx([-0.030, -0.088, -0.188])
+    assert model.scaling_layer.scale.flatten().tolist() == pytest.approx([0.458, 0.448, 0.450])
 
 
 @torch.no_grad()
 def test_lpips_is_zero_on_identical_images_and_symmetric(model):
     x, y = _images(3, 1), _images(3, 2)
-    assert torch.equal(model(x, x), torch.zeros(3))
+    assert torch.equal(model(x, x).flatten(), torch.zeros(3))
     d = model(x, y)
     assert (d > 0).all()
     assert torch.equal(d, model(y, x))
 
 
 @torch.no_grad()
-def test_lpips_equals_a_step_by_step_recomputation(model, weight_files):
-    _, _, alexnet, linear = weight_files
+def test_lpips_equals_a_step_by_step_recomputation(model, weights):
+    _, alexnet, _, linear = weights
     x, y = _images(4, 3), _images(4, 4)
-    assert torch.allclose(model(x, y), _by_hand(x, y, alexnet, linear), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(model(x, y).flatten(), _by_hand(x, y, alexnet, linear), rtol=1e-5, atol=1e-7)
 
 
 def test_diversity_pairs_are_all_distinct_within_class_pairs_up_to_the_cap():
@@ -110,19 +133,23 @@ def test_a_paper_scale_class_draws_its_pairs_without_listing_them():
 
 
 @torch.no_grad()
-def test_lpips_diversity_is_the_mean_over_the_pairs(model):
+def test_lpips_diversity_is_the_mean_over_the_pairs(model, weights):
+    _, alexnet, _, linear = weights
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
     labels = np.array([0, 1, 0, 1, 0, 1, 1])
     pairs = class_pairs(labels, 64, seed=0)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    expected = model(x[pairs[:, 0]], x[pairs[:, 1]]).double().mean().item()
-    assert lpips_diversity(model, images, labels, 64, seed=0, batch_size=4) == pytest.approx(expected, rel=1e-6)
+    expected = _by_hand(x[pairs[:, 0]], x[pairs[:, 1]], alexnet, linear).double().mean().item()
+    assert len(pairs) == 3 + 6
+    assert lpips_diversity(model, images, labels, 64, seed=0, batch_size=4) == pytest.approx(expected, rel=1e-5)
+    assert lpips_diversity(model, images, np.arange(7), 64, seed=0) is None  # no class has two samples
 
 
-def test_missing_weight_files_are_named(weight_files, tmp_path):
-    lpips_file, alexnet_file, _, _ = weight_files
-    with pytest.raises(UserError, match=r"missing-alex\.pth not found: take lpips/weights/v0\.1/alex\.pth"):
-        load_lpips(str(tmp_path / "missing-alex.pth"), str(alexnet_file))
+def test_a_missing_or_wrong_alexnet_file_is_named(tmp_path):
     with pytest.raises(UserError, match=r"alexnet-owt-7be5be79\.pth not found: download https://download\.pytorch"):
-        load_lpips(str(lpips_file), str(tmp_path / "alexnet-owt-7be5be79.pth"))
+        load_lpips(str(tmp_path / "alexnet-owt-7be5be79.pth"))
+    wrong = tmp_path / "alex.pth"
+    torch.save({"lin0.model.1.weight": torch.rand(1, 64, 1, 1)}, wrong)  # lpips's linear file, not AlexNet
+    with pytest.raises(UserError, match=r"alex\.pth is not torchvision's AlexNet state dict"):
+        load_lpips(str(wrong))

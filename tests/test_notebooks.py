@@ -1,6 +1,7 @@
 """The figure notebooks: each, executed by papermill on a smoke pipeline's outputs, draws its PNG
-from the runs that exist; the committed notebooks carry no outputs; the numbers behind the figures
-match hand counts."""
+from the runs that exist; the committed notebooks carry no outputs and are exactly the figures the
+papers name and dvc.yaml's `figures@<notebook>` stages; the numbers behind the figures match hand
+counts."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from diffrepro import figures
-from pipeline_repo import ROOT, make_repo, run
+from diffrepro.errors import UserError
+from diffrepro.notebooks import NOTEBOOKS, figures_stage
+from diffrepro.papers import finediffusion, patch_diffusion
+from pipeline_repo import ROOT, copy_repo
 
-NOTEBOOKS = ("sample_grids", "loss_curves", "immiscible_quality_vs_steps", "speedups",
-             "finediffusion_superclass_accuracy")
 PARAMETERS = {"metrics_dir": "metrics/default", "samples_dir": "samples", "logs_dir": "logs/default",
               "out_dir": "reports/plots", "runs": None}
 # What each notebook should find in the smoke profile (runs dit and finediffusion, plus pretrain's log).
@@ -27,10 +30,9 @@ SMOKE_SHOWN = {"sample_grids": "dit, finediffusion", "loss_curves": "dit, finedi
 
 
 @pytest.fixture(scope="module")
-def smoke_repo(tmp_path_factory):
-    repo = make_repo(tmp_path_factory.mktemp("figures") / "repo")
-    run(repo, "dvc", "exp", "run", "-S", "profile=smoke")
-    return repo
+def smoke_repo(smoke_repo, tmp_path_factory):
+    """A copy of the session's smoke repo: the notebooks write into it."""
+    return copy_repo(smoke_repo, tmp_path_factory.mktemp("figures") / "repo")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +82,18 @@ def test_notebook_draws_its_png_from_the_runs_that_exist(executed, smoke_repo, n
     assert pixels.std() > 10  # not a blank canvas
     assert path.stat().st_size > 5_000
     assert f"figs-test/{name}.png: {SMOKE_SHOWN[name]}\n" in _printed(executed[name])
+
+
+def test_the_notebooks_are_the_papers_figures_and_one_dvc_stage_each():
+    on_disk = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["figures"]["foreach"]
+    assert set(NOTEBOOKS) == on_disk == set(stages) == set(SMOKE_SHOWN)
+    assert len(NOTEBOOKS) == len(on_disk)
+
+
+def test_an_unknown_notebook_is_one_clear_error():
+    with pytest.raises(UserError, match=r"notebooks/sample_grid\.ipynb is not a figure of the report: name one of"):
+        figures_stage({"report": {"dir": "unused"}}, "sample_grid")
 
 
 def test_committed_notebooks_carry_no_outputs_and_the_same_parameters():
@@ -156,8 +170,8 @@ def test_speedups_are_baseline_time_over_method_time():
     assert bars["patch"] == pytest.approx({"wall-clock to the image budget": 2.5, "per image": 4.0})
     assert figures.speedups({"finediffusion": m(step_seconds=0.2), "patch": m()}) == {"finediffusion": {},
                                                                                        "patch": {}}
-    assert figures.PAPER_FINEDIFFUSION_SPEEDUP == 1.56
-    assert figures.PAPER_PATCH_SPEEDUP == pytest.approx(48.5 / 24.6)
+    assert finediffusion.SPEEDUP == 1.56  # the papers' numbers the figure draws
+    assert patch_diffusion.WALL_CLOCK_SPEEDUP == pytest.approx(48.5 / 24.6)
 
 
 def test_npz_memmap_reads_what_np_load_reads(tmp_path):
@@ -199,7 +213,7 @@ def test_loss_curves_read_what_dvclive_writes(tmp_path):
 
 
 def test_fine_tuning_runs_are_those_started_from_a_trained_model():
-    params = {"runs": {"dit": {"init_from": "data/latents", "data": "data/latents"},
+    params = {"train_runs": {"dit": {"init_from": "data/latents", "data": "data/latents"},
                        "finediffusion": {"init_from": "models/pretrain", "data": "data/latents"},
                        "edm": {"init_from": "data/prepared", "data": "data/prepared"}}}
     assert figures.fine_tuning_runs(params, ["finediffusion", "dit", "edm", "absent"]) == ["finediffusion"]

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,8 @@ import yaml
 
 from diffrepro.models.info import model_info
 from diffrepro.profiles import compose, profile_names
+from params_util import recompose
+from pipeline_repo import stage_in
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -36,16 +35,10 @@ def test_finediffusion_inat256_is_dit_xl2_with_1_77_percent_trainable():
     assert (info["params"], info["trainable"]) == (685640480, 12153632)
 
 
-def _cli(workdir: Path, *args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "diffrepro", *args], cwd=workdir, env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, f"{args}: {proc.stderr[-3000:]}"
-
-
-def test_finediffusion_inat256_structure_runs_at_tiny_size(tmp_path):
+def test_finediffusion_inat256_structure_runs_at_tiny_size(tmp_path, one_thread):
     """The profile as is, but tiny dims: an iNat-layout fixture, a tiny VAE in the SD folder layout,
-    a tiny DiT checkpoint in the official key layout, random Inception weights."""
+    a tiny DiT checkpoint in the official key layout, random Inception weights. The stage commands
+    run in this process (`stage_in`)."""
     from fixtures_real import build_inat
     from diffrepro.device_standin import random_fid_inception_state
     from random_weights import save_random_lpips_weights
@@ -61,7 +54,7 @@ def test_finediffusion_inat256_structure_runs_at_tiny_size(tmp_path):
     params["runs"] = {run: params["runs"][run] for run in ("finediffusion", "full_finetune")}  # the report's: all
     for run in [params["pretrain"], *params["runs"].values()]:
         run.update(model="DiT-tiny/2", steps=min(run["steps"], 2), batch_size=4, sample_steps=3, bf16=False)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(recompose(params)))
     build_inat(tmp_path / "data" / "raw")
     vae = tiny_autoencoder(16, (8, 8, 8, 8), 4, 1)  # f = 8, as the SD VAE
     vae.register_to_config(scaling_factor=0.18215)
@@ -72,13 +65,13 @@ def test_finediffusion_inat256_structure_runs_at_tiny_size(tmp_path):
     save_random_lpips_weights(tmp_path / "models")
 
     for stage in ("prepare", "autoencoder", "extract-latents", "features"):
-        _cli(tmp_path, stage)
-    _cli(tmp_path, "train", "pretrain")
+        stage_in(tmp_path, stage)
+    stage_in(tmp_path, "train", "pretrain")
     for run in ("finediffusion", "full_finetune"):
         for stage in ("train", "sample", "evaluate"):
-            _cli(tmp_path, stage, run)
-    _cli(tmp_path, "speed")
-    _cli(tmp_path, "report")
+            stage_in(tmp_path, stage, run)
+    stage_in(tmp_path, "speed")
+    stage_in(tmp_path, "report")
 
     classes = json.loads((tmp_path / "data" / "prepared" / "classes.json").read_text())
     assert len(classes["classes"]) == 3 and classes["super_classes"] == ["Birds", "Fungi", "Plants"]

@@ -10,6 +10,7 @@ import torch
 from diffrepro.diffusion.edm import EDMDenoiser, edm_loss
 from diffrepro.errors import UserError
 from diffrepro.methods import get_method
+from diffrepro.methods.base import StepPlan
 from diffrepro.models.registry import build_model
 from diffrepro.methods.patch import batch_multiplier, coordinate_grid, crop_patches
 
@@ -75,7 +76,8 @@ def test_crop_corners_carry_their_full_image_coordinates(channels):
     filler = torch.zeros(batch, channels - 2, resolution, resolution)
     images = torch.cat([rows, cols, filler], dim=1)  # channel 0 = row index, 1 = column index
     method = get_method("patch", real_p=0.5)
-    patches, kwargs = method.transform_batch(images, torch.Generator().manual_seed(0), patch_size=size)
+    plan = StepPlan(size, batch, size / resolution)
+    patches, kwargs = method.transform_batch(images, torch.Generator().manual_seed(0), plan)
     coords = kwargs["coords"]
     assert patches.shape == (batch, channels, size, size) and coords.shape == (batch, 2, size, size)
     top, left = patches[:, 0, 0, 0], patches[:, 1, 0, 0]
@@ -118,7 +120,7 @@ def test_edm_baseline_trains_full_images_without_coordinates():
     plan = method.plan_step(5, seed=0, batch_size=16, resolution=64)
     assert (plan.patch_size, plan.images, plan.pixel_fraction) == (64, 16, 1.0)
     images = torch.randn(2, 3, 8, 8)
-    out, kwargs = method.transform_batch(images, None)
+    out, kwargs = method.transform_batch(images, None, plan)
     assert out is images and kwargs == {} and method.coordinate_channels == 0
     assert get_method("patch").coordinate_channels == 2
 
@@ -129,7 +131,7 @@ def test_a_patch_step_trains_the_coordinate_inputs():
     plan = next(p for p in (method.plan_step(s, seed=1, batch_size=2, resolution=16) for s in range(50))
                 if p.patch_size == 8)
     images = torch.randn(plan.images, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    patches, kwargs = method.transform_batch(images, torch.Generator().manual_seed(1), plan.patch_size)
+    patches, kwargs = method.transform_batch(images, torch.Generator().manual_seed(1), plan)
     loss = edm_loss(EDMDenoiser(net), patches, None, generator=torch.Generator().manual_seed(2), **kwargs)
     assert loss.shape == (4,)
     loss.mean().backward()

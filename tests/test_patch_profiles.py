@@ -6,9 +6,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +13,13 @@ import pytest
 import torch
 import yaml
 
+from diffrepro.config import run_names, run_params
 from diffrepro.methods import get_method
 from diffrepro.models.info import model_info
 from diffrepro.profiles import compose
 from diffrepro.runs import model_config
+from params_util import recompose
+from pipeline_repo import stage_in
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -60,7 +60,7 @@ OFFICIAL = {"patch_celeba64": ("celeba64", _arms(0.05)), "patch_afhqv2wild64": (
 def test_patch_profile_runs_are_the_recipe_with_steps_from_the_200_mimg_budget(profile):
     params = compose(profile, conf_dir=CONF)
     dataset, runs = OFFICIAL[profile]
-    assert params["runs"] == runs
+    assert {run: run_params(params, run) for run in run_names(params)} == runs
     assert (params["runs"]["edm"]["steps"], params["runs"]["patch"]["steps"]) == (781_250, 411_184)
     assert (params["data"]["dataset"], params["data"]["image_size"], params["features"]["kind"]) == \
         (dataset, 64, "inception")
@@ -118,26 +118,16 @@ def test_both_arms_train_edms_unconditional_64px_ddpmpp(profile):
     assert counts["patch"] == ddpmpp_params(3, 2) == counts["edm"] + 2 * 128 * 3 * 3
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
-
-
-def _cli(workdir: Path, *args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "diffrepro", *args], cwd=workdir, env=_env(),
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, f"{args}: {proc.stderr[-3000:]}"
-
-
 def _drawn_multiplier(seed: int, step: int) -> int:
     """R/s of step `step` (the run's patch size draw, a hash of (seed, step) shared by all processes)."""
     u = int.from_bytes(hashlib.blake2b(f"patch-size:{seed}:{step}".encode(), digest_size=8).digest(), "little") / 2**64
     return 1 if u < 0.5 else 2 if u < 0.8 else 4
 
 
-def test_patch_celeba64_structure_runs_at_tiny_size_on_unpacked_celeba(tmp_path):
+def test_patch_celeba64_structure_runs_at_tiny_size_on_unpacked_celeba(tmp_path, one_thread):
     """The profile as is, tiny dims: the unpacked CelebA layout at 32 px, DDPM++ mini, a 40-image
     budget at batch 4 (edm 10 steps, patch round(40 / 7.6) = 5), 3 seed sets of 4 samples, random
-    Inception and LPIPS weights in their real layouts."""
+    Inception and LPIPS weights in their real layouts. The stage commands run in this process."""
     from fixtures_real import CELEBA_PARTITION, build_celeba_tree
     from diffrepro.device_standin import random_fid_inception_state
     from random_weights import save_random_lpips_weights
@@ -152,18 +142,18 @@ def test_patch_celeba64_structure_runs_at_tiny_size_on_unpacked_celeba(tmp_path)
         per_step = batch * (PATCH_IMAGES_PER_SLOT if run["method"] == "patch" else 1)
         run.update(model="ddpmpp-mini", batch_size=batch, sample_steps=3,
                    steps=0 if run is tiny["pretrain"] else round(budget / per_step))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(recompose(tiny)))
     build_celeba_tree(tmp_path / "data" / "raw")
     (tmp_path / "models").mkdir()
     torch.save(random_fid_inception_state(), tmp_path / "models" / "inception.pth")
     save_random_lpips_weights(tmp_path / "models")
     for stage in ("prepare", "features"):  # pixel runs: no autoencoder or latents needed
-        _cli(tmp_path, stage)
-    _cli(tmp_path, "train", "pretrain")
+        stage_in(tmp_path, stage)
+    stage_in(tmp_path, "train", "pretrain")
     for run in ("patch", "edm"):
         for stage in ("train", "sample"):
-            _cli(tmp_path, stage, run)
-    _cli(tmp_path, "evaluate", "patch")  # each seed set's FID is a 2048-d sqrtm: one arm suffices
+            stage_in(tmp_path, stage, run)
+    stage_in(tmp_path, "evaluate", "patch")  # each seed set's FID is a 2048-d sqrtm: one arm suffices
 
     report = json.loads((tmp_path / "data" / "prepared" / "prepare_report.json").read_text())
     assert report["split_sizes"] == {s: CELEBA_PARTITION.count(c) for s, c in (("train", 0), ("val", 1), ("test", 2))}

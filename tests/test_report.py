@@ -1,11 +1,17 @@
 """The report's arithmetic: seed replicates, verdicts against the seed range, equal-FID step counts,
-and the papers' numbers of each profile's own setting."""
+and the papers' numbers of each profile's own setting; each paper's declaration complete and consistent."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from diffrepro import report
+from diffrepro import report, results
+from diffrepro.papers import PAPERS, dimr, finediffusion
+from diffrepro.speed import MEASURES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _metrics(run: str, fid: float, steps: int = 100, curve: tuple[tuple[int, float], ...] = (), **train) -> dict:
@@ -28,9 +34,9 @@ def _runs(**fids) -> dict:
 def test_replicates_are_the_run_and_its_seed_runs_in_seed_order():
     metrics = {**_runs(dit=[1.0, 2.0, 3.0]), "dit_seed10": _metrics("dit_seed10", 4.0),
                "dit_small": _metrics("dit_small", 9.0), "dit_small_seed1": _metrics("dit_small_seed1", 8.0)}
-    assert [m["run"] for m in report.replicates(metrics, "dit")] == ["dit", "dit_seed1", "dit_seed2", "dit_seed10"]
-    assert [m["run"] for m in report.replicates(metrics, "dit_small")] == ["dit_small", "dit_small_seed1"]
-    assert report.replicates(metrics, "absent") == []
+    assert [m["run"] for m in results.replicates(metrics, "dit")] == ["dit", "dit_seed1", "dit_seed2", "dit_seed10"]
+    assert [m["run"] for m in results.replicates(metrics, "dit_small")] == ["dit_small", "dit_small_seed1"]
+    assert results.replicates(metrics, "absent") == []
 
 
 @pytest.mark.parametrize(("method", "baseline", "expected"), [
@@ -54,28 +60,38 @@ def test_frame_reports_mean_and_range_over_seeds():
 
 
 def test_paper_values_follow_the_profile_setting():
-    assert report.paper_rows("dimr", "dimr_g2r_imagenet256")["dimr"]["fid"] == 1.63
-    assert report.paper_rows("dimr", "default")["dimr"]["fid"] == 1.70
-    fd512 = report.paper_rows("finediffusion", "finediffusion_inat512")
+    assert dimr.PAPER.rows("dimr_g2r_imagenet256")["dimr"]["fid"] == 1.63
+    assert dimr.PAPER.rows("default")["dimr"]["fid"] == 1.70
+    fd512 = finediffusion.PAPER.rows("finediffusion_inat512")
     assert (fd512["finediffusion"]["fid"], fd512["finediffusion"]["lpips"]) == (9.490, 0.723)
     assert fd512["bitfit"] == {}  # the paper publishes BitFit only at iNat 256
+
+
+def test_a_profiles_paper_numbers_stay_in_their_papers_table():
+    """DiMR-G/2R's 1.63 is DiMR's number: the `dimr` run is no row of FineDiffusion's table there."""
+    assert list(finediffusion.PAPER.rows("dimr_g2r_imagenet256")) == ["finediffusion", "full_finetune", "bitfit",
+                                                                      "difffit"]
+    frame = report.results_frame(_runs(dimr=[10.0], dit=[13.0]), "dimr_g2r_imagenet256")
+    assert set(frame[frame.run == "dimr"].paper) == {"dimr"}
+    assert frame[(frame.run == "dimr") & (frame.metric == "fid")].paper_value.tolist() == [1.63]
 
 
 def test_steps_to_equal_fid_is_the_first_step_at_or_below_the_baselines_final_fid():
     metrics = {"vanilla": _metrics("vanilla", 12.0, steps=600, curve=((200, 20.0), (400, 14.0))),
                "imm": _metrics("imm", 11.0, steps=600, curve=((200, 15.0), (400, 12.0)))}
-    assert report.steps_to_equal_fid(metrics, "imm", "vanilla") == (400, 600)
-    assert report.steps_to_equal_fid(metrics, "vanilla", "imm") is None  # 12.0 never ≤ 11.0
+    assert results.steps_to_equal_fid(metrics, "imm", "vanilla") == (400, 600)
+    assert results.steps_to_equal_fid(metrics, "vanilla", "imm") is None  # 12.0 never ≤ 11.0
 
 
 def test_large_integral_numbers_print_without_exponents():
-    assert report._fmt(1000.0) == "1,000" and report._fmt(61632) == "61,632" and report._fmt(0.1234) == "0.123"
+    assert results.fmt(1000.0) == "1,000" and results.fmt(61632) == "61,632" and results.fmt(0.1234) == "0.123"
 
 
 def test_figures_show_the_profiles_runs_at_seed_zero_unless_runs_are_named():
     from diffrepro.figures import profile_runs, select
 
-    params = {"runs": {"edm": {}, "dit": {}, "dit_seed1": {}}}
+    params = {"runs": {"edm": {"seeds": [0]}, "dit": {"seeds": [0, 1]}},  # declared runs: dit_seed1 too
+              "train_runs": {"edm": {}, "dit": {}, "dit_seed1": {}}}
     assert profile_runs(params) == ["dit", "edm"]
     assert profile_runs(params, with_pretrain=True) == ["dit", "edm", "pretrain"]
     assert profile_runs(params, ["dit_seed1", "dit"]) == ["dit_seed1", "dit"]
@@ -97,8 +113,37 @@ def test_a_speed_claim_holds_only_when_every_interleaved_round_agrees(rounds, ex
                                                           "per_step": ratio}}}
     summary = report.claims_summary({}, "default", speed).splitlines()[2:]
     assert summary == [f"| finediffusion | FineDiffusion trains faster per step than full fine-tuning | 1.56× | "
-                       f"{report._fmt(ratio['median'])}× [{report._fmt(min(rounds))}–{report._fmt(max(rounds))}] "
+                       f"{results.fmt(ratio['median'])}× [{results.fmt(min(rounds))}–{results.fmt(max(rounds))}] "
                        f"(median [range] over interleaved rounds) | {report.speed_verdict(ratio)} |"]
     frame = report.results_frame(_runs(finediffusion=[20.0], full_finetune=[12.0]), speed=speed)
     speedup = frame[frame.metric == "speedup"].set_index("run").value
     assert speedup["finediffusion"] == pytest.approx(ratio["median"]) and speedup["full_finetune"] == 1.0
+
+
+@pytest.mark.parametrize("paper", PAPERS, ids=lambda p: p.key)
+def test_a_papers_declaration_is_complete_and_consistent(paper):
+    rows = paper.table.rows
+    assert paper.table.columns and set(paper.table.columns) <= set(report.TITLES), paper.key
+    for claim in paper.claims:  # a claim compares two rows of its table
+        assert {claim.method, claim.baseline} <= set(rows) and claim.metric in paper.table.columns, claim
+    for claim in paper.speed_claims:  # measured: one of the pairs the speed stage interleaves
+        method, baseline = claim.pair.split("_vs_")
+        assert {method, baseline} <= set(rows) and claim.measure in MEASURES and claim.paper_ratio > 0, claim
+        assert (method, baseline) in paper.speed_pairs, claim
+    for method, baseline in paper.speed_pairs:
+        assert {method, baseline} <= set(rows), (method, baseline)
+    if paper.speedup_baseline is not None:  # the speed-up column: every row measured against the baseline
+        assert {(r, paper.speedup_baseline) for r in rows if r != paper.speedup_baseline} <= set(paper.speed_pairs)
+    assert paper.speedup_baseline is None or paper.speedup_baseline in rows
+    for figure in paper.figures:
+        assert (ROOT / "notebooks" / f"{figure.notebook}.ipynb").is_file(), figure
+    profiles = {p.stem for p in (ROOT / "conf" / "profile").glob("*.yaml")}
+    for profile, profile_rows in paper.rows_by_profile.items():
+        assert profile in profiles, (paper.key, profile)
+        assert set(profile_rows) <= set(rows), (paper.key, profile)
+    for profile in ["default", *paper.rows_by_profile]:  # every published number has a column name
+        assert all(set(numbers) <= set(report.TITLES) for numbers in paper.rows(profile).values()), profile
+
+
+def test_papers_have_distinct_keys_and_titles():
+    assert len({p.key for p in PAPERS}) == len({p.table.title for p in PAPERS}) == len(PAPERS)

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +24,14 @@ import torch
 import yaml
 
 from diffrepro import fingerprint
-from diffrepro.config import metrics_file, validate
+from diffrepro.config import metrics_file, speed_file, validate
 from diffrepro.data.shards import write_classes
 from diffrepro.data.synthetic import class_table
 from diffrepro.errors import UserError
+from diffrepro.papers import speed_pairs
 from diffrepro.profiles import compose
 from diffrepro.sample import RunSampler
-from diffrepro.speed import speed_file, speed_fingerprint
-from pipeline_repo import stage_in
+from pipeline_repo import copy_outputs, stage_in
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -83,7 +81,8 @@ def smoke_after_default(tmp_path) -> dict:
         path = tmp_path / metrics_file(params, run)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(metrics))
-    (tmp_path / speed_file(params)).write_text(json.dumps({"pairs": {}, "params_sha256": speed_fingerprint(params)}))
+    speed = {"pairs": {}, "params_sha256": fingerprint.speed(params, speed_pairs(params))}
+    (tmp_path / speed_file(params)).write_text(json.dumps(speed))
     return params
 
 
@@ -108,7 +107,8 @@ def test_a_smoke_report_after_a_default_report_contains_only_smoke_runs(smoke_af
     (lambda p, work: p["pretrain"].update(steps=3),  # what finediffusion was fine-tuned from
      "metrics/smoke/finediffusion.json was produced under other params than params.yaml's: "
      "run `dvc repro evaluate@finediffusion`"),
-    (lambda p, work: p.update(runs={}), "params.yaml: `runs` is empty: profile 'smoke' has no run to report"),
+    (lambda p, work: p.update(runs={}, train_runs={}, sample_runs={}),
+     "params.yaml: `runs` is empty: profile 'smoke' has no run to report"),
     (lambda p, work: p["speed"].update(rounds=2),
      "metrics/smoke/speed.json was measured under other params than params.yaml's: run `dvc repro speed`"),
 ])
@@ -143,18 +143,17 @@ def test_fingerprints_follow_the_runs_lineage_and_what_they_depend_on():
 # --- 2. sample chunks of other params are not reused -------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """The smoke chain up to a trained `dit` (with its step-2 snapshot) and the FID network;
-    sampling in chunks of 4 images."""
+def trained(smoke_repo, tmp_path_factory) -> Path:
+    """The smoke chain up to a trained `dit` (with its step-2 snapshot) and the FID network, taken
+    from the session's smoke pipeline; sampling in chunks of 4 images."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # toy layers: faster on one thread of a busy machine
-    work = tmp_path_factory.mktemp("integrity")
-    params = _smoke()
+    work = copy_outputs(smoke_repo, tmp_path_factory.mktemp("integrity"), "data", "models/autoencoder",
+                        "models/features", "models/dit")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    assert params == _smoke()
     params["sample"].update(per_class=2, batch_size=4)
     _write_params(work, params)
-    for stage in ("download", "prepare", "autoencoder", "extract-latents", "features"):
-        stage_in(work, stage)
-    stage_in(work, "train", "dit")
     yield work
     torch.set_num_threads(threads)
 
@@ -211,17 +210,14 @@ def test_evaluate_records_the_fingerprint_the_report_checks(trained, tmp_path):
 # --- 3. one line for a bad param or a damaged file ---------------------------------------------
 
 @pytest.mark.parametrize("section, key", [("runs.dit", "checkpoint_every"), ("train", "log_every")])
-def test_a_zero_period_is_one_line_before_any_work(tmp_path, section, key):
-    """Each divides the step counter; the stage runs in a fresh process, as DVC runs it."""
+def test_a_zero_period_is_one_line_before_any_work(tmp_path, capsys, section, key):
+    """Each divides the step counter; nothing is there to train on, so any work would fail otherwise."""
     params = _smoke()
     target = params["runs"]["dit"] if section == "runs.dit" else params[section]
     target[key] = 0
     _write_params(tmp_path, params)
-    proc = subprocess.run([sys.executable, "-m", "diffrepro", "train", "dit"], cwd=tmp_path, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: params.yaml: `{section}.{key}` must be a positive "
-                                                "integer, got 0"]
+    assert _one_error_line(capsys, tmp_path, "train", "dit") == \
+        f"error: params.yaml: `{section}.{key}` must be a positive integer, got 0"
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -233,7 +229,8 @@ def test_a_zero_period_is_one_line_before_any_work(tmp_path, section, key):
     (lambda p: p["runs"]["dit"].update(ema_decay=1.5), "`runs.dit.ema_decay` must be between 0 and 1"),
     (lambda p: p["runs"]["dit"].update(guided_channels=0), "`runs.dit.guided_channels` must be a positive integer"),
     (lambda p: p["runs"]["dit"].update(guidance_scale=-1.0), "`runs.dit.guidance_scale` must be a non-negative"),
-    (lambda p: p["runs"]["dit"].update(seed=-1), "`runs.dit.seed` must be a non-negative integer"),
+    (lambda p: p["runs"]["dit"].update(seeds=[-1]), "`runs.dit.seeds` must be a non-empty list of distinct "
+                                                     "non-negative integers"),
     (lambda p: p["sample"].update(grid_classes=0), "`sample.grid_classes` must be a positive integer"),
     (lambda p: p["sample"].update(batch_size=0), "`sample.batch_size` must be a positive integer"),
     (lambda p: p["features"].update(width=0), "`features.width` must be a positive integer"),

@@ -20,9 +20,10 @@ import pytest
 import torch
 import yaml
 
-from diffrepro.config import validate
+from diffrepro.config import run_params, validate
 from diffrepro.diffusion.gaussian import GaussianDiffusion, guided_model_fn, make_betas, sample, space_timesteps
 from diffrepro.errors import UserError
+from diffrepro.replicates import expand
 from diffrepro.runs import build_network
 from diffrepro.sample import RunSampler
 from pipeline_repo import stage_in
@@ -32,12 +33,12 @@ DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 @pytest.mark.parametrize("section, key", [("runs.dit", "guidance_power"), ("pretrain", "guidance_schedule"),
-                                          ("runs.edm", "seed")])
+                                          ("runs.edm", "seeds")])
 def test_a_run_missing_a_key_is_named(section, key):
     params = copy.deepcopy(DEFAULT)
     run = params["pretrain"] if section == "pretrain" else params["runs"][section.split(".")[1]]
     del run[key]
-    with pytest.raises(UserError, match=f"^params.yaml: `{section}` is missing key `{key}`$"):
+    with pytest.raises(UserError, match=f"^params.yaml: `{section}.{key}` is missing$"):
         validate(params)
 
 
@@ -127,21 +128,21 @@ PER_CLASS, BATCH, SEED_SETS, CLASSES = 4, 4, 2, 16  # the smoke data has 16 fine
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """The smoke profile's `dit` run trained (with one snapshot), sampling in chunks of 4 images,
-    single-threaded like the killed stage's process (OMP_NUM_THREADS=1): same reduction order."""
-    from diffrepro.profiles import compose
+def trained(tmp_path_factory, smoke_repo) -> Path:
+    """The smoke profile's `dit` run as the session's smoke pipeline trained it (with one snapshot),
+    sampling in chunks of 4 images, single-threaded like the killed stage's process
+    (OMP_NUM_THREADS=1): same reduction order. Sampling params are not what the weights depend on."""
+    from pipeline_repo import copy_outputs
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    work = tmp_path_factory.mktemp("sampling")
-    params = compose("smoke", conf_dir=ROOT / "conf")
+    work = copy_outputs(smoke_repo, tmp_path_factory.mktemp("sampling"), "data", "models/autoencoder",
+                        "models/features", "models/dit")
+    params = yaml.safe_load((work / "params.yaml").read_text())
     params["sample"].update(per_class=PER_CLASS, batch_size=BATCH, seed_sets=SEED_SETS)
     params["runs"]["dit"].update(sample_steps=5)
+    params["train_runs"], params["sample_runs"] = expand(params["runs"])  # as the composition does
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    for stage in ("download", "prepare", "autoencoder", "extract-latents", "features"):
-        stage_in(work, stage)
-    stage_in(work, "train", "dit")
     yield work
     torch.set_num_threads(threads)
 
@@ -174,7 +175,7 @@ def test_seed_sets_use_offset_indices_and_evaluate_reports_their_minimum(straigh
 
     monkeypatch.chdir(straight)
     params = yaml.safe_load(Path("params.yaml").read_text())
-    cfg = params["runs"]["dit"]
+    cfg = run_params(params, "dit")
     labels, supers = sample_labels("data/prepared", cfg["split"], PER_CLASS)
     n = len(labels)
     model, config = load_trained("models/dit")

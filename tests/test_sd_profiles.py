@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffrepro.config import run_params
 from diffrepro.profiles import compose
+from params_util import recompose
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -33,8 +32,8 @@ OFFICIAL_RECIPE = {
     "scratch": {**COMMON_RECIPE, "batch_size": 2048, "steps": 20_000, "lr": 1e-4},  # 8 GPUs x 256
     "finetune": {**COMMON_RECIPE, "batch_size": 512, "steps": 5_000, "lr": 1e-5},  # 4 GPUs x 128
 }
-PROFILES = {"immiscible_sd_scratch": ("scratch", ["immiscible", "vanilla"]),
-            "immiscible_sd_finetune": ("finetune", ["immiscible", "vanilla"]),
+PROFILES = {"immiscible_sd_scratch": ("scratch", ["vanilla", "immiscible"]),  # vanilla_sd_* + the immiscible arm
+            "immiscible_sd_finetune": ("finetune", ["vanilla", "immiscible"]),
             "vanilla_sd_scratch": ("scratch", ["vanilla"]),
             "vanilla_sd_finetune": ("finetune", ["vanilla"])}
 WORDS = {"n01440764": "tench, Tinca tinca", "n01443537": "goldfish, Carassius auratus",
@@ -57,7 +56,7 @@ def test_sd_profile_runs_are_the_official_recipe(profile):
                                        "classes_dir": "data/prepared", "gradient_checkpointing": True,
                                        "synset_words": "data/raw/LOC_synset_mapping.txt"}
     assert [run["assignment"] for run in params["runs"].values()] == \
-        (["lsa_global", "none"] if "immiscible" in arms else ["none"])
+        (["none", "lsa_global"] if "immiscible" in arms else ["none"])
     assert (params["data"]["dataset"], params["data"]["image_size"]) == ("imagenet", 256)
     assert params["autoencoder"] == {**params["autoencoder"], "kind": "sd_vae", "path": f"{SD_DIR}/vae"}
     assert params["features"]["kind"] == "inception"
@@ -72,12 +71,11 @@ def test_the_two_arms_differ_only_in_the_noise_assignment():
         assert runs["vanilla"] == compose(f"vanilla_sd_{setting}", conf_dir=CONF)["runs"]["vanilla"]
 
 
-def test_info_gives_sd_v14_unets_859_520_964_parameters():
-    proc = subprocess.run([sys.executable, "-m", "diffrepro", "info", "sd-v1.4-unet"], cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_info_gives_sd_v14_unets_859_520_964_parameters(capsys):
+    from diffrepro.cli import main
+
+    main(["info", "sd-v1.4-unet"])
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["params"] == info["trainable"] == 859_520_964
 
 
@@ -87,17 +85,17 @@ def workspace(tmp_path_factory):
     `vanilla`) and the scratch arms (`immiscible_scratch`, `vanilla_scratch`) with the tiny UNet's
     config as overrides; data through the prepare, autoencoder (sd_vae) and latents stages."""
     from fixtures_real import build_imagenet_tree
+    from tiny_sd import tiny_sd_components
 
     from diffrepro.latents import extract_latents_stage
-    from diffrepro.models.sd_unet import tiny_sd_components
     from diffrepro.prepare import prepare_stage
     from diffrepro.train_autoencoder import autoencoder_stage
 
     work = tmp_path_factory.mktemp("sd_profile")
     params = compose("immiscible_sd_finetune", conf_dir=CONF)
     scratch = compose("immiscible_sd_scratch", conf_dir=CONF)
-    assert {k: v for k, v in scratch.items() if k not in ("runs", "profile", "report")} == \
-        {k: v for k, v in params.items() if k not in ("runs", "profile", "report")}
+    per_run = ("runs", "train_runs", "sample_runs", "profile", "report")
+    assert {k: v for k, v in scratch.items() if k not in per_run} == {k: v for k, v in params.items() if k not in per_run}
     params["runs"].update({f"{name}_scratch": run for name, run in scratch["runs"].items()})
     params["data"]["image_size"] = 16
     params["sample"].update(per_class=1, batch_size=8)
@@ -105,6 +103,7 @@ def workspace(tmp_path_factory):
         run.update(steps=2, batch_size=4, bf16=False)
         if name.endswith("_scratch"):
             run["model_kwargs"].update(TOY_UNET)
+    recompose(params)
     tiny = tiny_sd_components(seed=1)  # the "released" weights; the runs' own init draws from seed 0
     for part in ("vae", "text_encoder", "tokenizer", "unet"):
         getattr(tiny, part).save_pretrained(work / SD_DIR / part)
@@ -168,14 +167,16 @@ def test_immiscible_arm_pairs_the_twins_noise_by_assignment(workspace):
 def test_generic_training_loss_is_sds_ddpm_epsilon_objective(workspace):
     """The Trainer's loss == diffusers' DDPMScheduler (SD v1.4 config) add_noise + ε MSE, with the
     class prompts' embeddings as the UNet's text context."""
-    from diffrepro.models.sd_unet import sd_noise_scheduler
+    from diffusers import DDPMScheduler
+
+    from diffrepro.models.sd_unet import SD_V14_SCHEDULER_CONFIG
 
     trainer = _trainer(workspace, "immiscible_scratch")
     x0, labels, t, noise, extra = trainer.on_device(trainer.draw(0))
     loss = trainer.loss(x0, labels, t, noise, extra)
     unet, context = trainer.model.unet, trainer.model.class_context
     with torch.no_grad():
-        noisy = sd_noise_scheduler().add_noise(x0, noise, t)
+        noisy = DDPMScheduler.from_config(SD_V14_SCHEDULER_CONFIG).add_noise(x0, noise, t)
         expected = F.mse_loss(unet(noisy, t, context[labels]).sample, noise)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -202,7 +203,7 @@ def test_trained_arms_sample_with_pndm_as_the_stable_diffusion_pipeline_does(wor
     assert config["model_kwargs"]["num_classes"] == 3 and model.num_classes == 3
     assert not all(torch.equal(a, b) for a, b in zip(model.unet.parameters(), tiny.unet.parameters()))
 
-    cfg = params["runs"]["immiscible"]
+    cfg = run_params(params, "immiscible")
     sampler = RunSampler(model, config, cfg, params["seed"] + cfg["seed"], vae, where="runs.immiscible")
     labels, indices = np.array([0, 1, 2]), np.arange(3)
     images = sampler(labels, np.zeros(3, np.int64), indices)

@@ -1,5 +1,5 @@
-"""SD v1.4 UNet: exact size, local loading, class prompts, the official training step and sampler
-(and the PNDM sampler the generic sampling stage uses) at toy size."""
+"""SD v1.4 UNet: exact size, local loading, class prompts, the training loss the generic loop
+computes for it and the PNDM sampler the generic sampling stage uses, at toy size."""
 
 from __future__ import annotations
 
@@ -7,16 +7,15 @@ import json
 
 import pytest
 import torch
+from tiny_sd import tiny_sd_components
 
 from diffrepro.diffusion.gaussian import GaussianDiffusion, guided_model_fn, make_betas
 from diffrepro.diffusion.pndm import pndm_sample
 from diffrepro.errors import UserError
-from diffrepro.methods.immiscible import NoiseAssigner
 from diffrepro.models.info import count_params
 from diffrepro.models.registry import build_model
 from diffrepro.models.sd_unet import (SD_V14_SCHEDULER_CONFIG, SDUNet, class_prompts, encode_prompts,
-                                      generate_images, imagenet_prompts, load_sd_components,
-                                      sd_noise_scheduler, sd_training_loss, tiny_sd_components, tokenize)
+                                      imagenet_prompts, prompt_table, tokenize)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,7 +46,7 @@ def test_sd_v14_unet_has_859_520_964_parameters():
 def test_missing_sd_folder_names_the_path_and_where_to_get_it(tmp_path):
     (tmp_path / "vae").mkdir()
     (tmp_path / "text_encoder").mkdir()
-    loaders = {"tokenizer": load_sd_components,
+    loaders = {"tokenizer": lambda d: prompt_table(str(d), ("tench",)),
                "unet": lambda d: build_model("sd-v1.4-unet", sd_dir=d, pretrained=True)}
     for missing, load in loaders.items():
         with pytest.raises(UserError) as err:
@@ -61,34 +60,30 @@ def test_missing_sd_folder_names_the_path_and_where_to_get_it(tmp_path):
     assert str(tmp_path / "unet") in str(err.value) and "\n" not in str(err.value)
 
 
-def test_training_step_is_ddpm_epsilon_mse_and_leaves_the_frozen_encoders_without_grads(tiny):
+def test_training_loss_is_ddpm_epsilon_mse_on_sds_schedule_with_the_class_prompt_as_context(tiny):
+    """The loss the generic loop computes for an SD run (GaussianDiffusion on SD's scaled-linear
+    betas, ε target, no learned variance) == the closed form; gradients reach the UNet only."""
     model = SDUNet(tiny.unet)
-    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    ids = tokenize(tiny.tokenizer, ["tench, Tinca tinca", "goldfish, Carassius auratus"])
-    loss = sd_training_loss(model, tiny, images, ids, sd_noise_scheduler(), NoiseAssigner("none"),
-                            torch.Generator().manual_seed(2))
+    prompts = ["tench, Tinca tinca", "goldfish, Carassius auratus"]
+    model.set_class_prompts(tiny.text_encoder, tiny.tokenizer, prompts)
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t, y = torch.tensor([3, 997]), torch.tensor([1, 0])
+    diffusion = GaussianDiffusion(make_betas("scaled_linear", 1000), learn_sigma=False)
+    loss = diffusion.training_losses(model, x0, t, noise=eps, model_kwargs={"y": y})["loss"].mean()
     loss.backward()
-    assert all(p.grad is None and not p.requires_grad
-               for p in [*tiny.vae.parameters(), *tiny.text_encoder.parameters()])
     assert all(p.grad is not None for p in tiny.unet.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in tiny.text_encoder.parameters())
     tiny.unet.zero_grad(set_to_none=True)
 
-    # the same objective from the closed form: scaled-linear betas, x_t = √ᾱ x0 + √(1−ᾱ) ε, target ε,
-    # with the random draws in the order the step makes them (posterior sample, noise, t)
-    g = torch.Generator().manual_seed(2)
+    # x_t = √ᾱ x0 + √(1−ᾱ) ε on betas linear in √β (0.00085 → 0.012), target ε, prompt y as context
     with torch.no_grad():
-        posterior = tiny.vae.encode(images).latent_dist
-        z = torch.randn(posterior.mean.shape, generator=g)
-        x0 = (posterior.mean + posterior.std * z) * 0.18215
-        eps = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, 1000, (2,), generator=g)
         betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-        alpha_bar = torch.cumprod(1 - betas, 0)
-        a = alpha_bar[t].float().view(-1, 1, 1, 1)
+        a = torch.cumprod(1 - betas, 0)[t].float().view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        context = tiny.text_encoder(ids)[0]
+        context = encode_prompts(tiny.text_encoder, tiny.tokenizer, [prompts[1], prompts[0]])
         expected = (tiny.unet(x_t, t, context).sample - eps).square().mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_class_labels_select_their_prompt_and_the_null_class_is_the_empty_prompt(tiny):
@@ -104,32 +99,22 @@ def test_class_labels_select_their_prompt_and_the_null_class_is_the_empty_prompt
         assert torch.allclose(model(x, t, torch.tensor([2, 3])), expected, atol=1e-6)
 
 
-def test_pndm_generation_runs_guided_steps_and_returns_images(tiny):
-    calls = []
-    hook = tiny.unet.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
-    try:
-        images = generate_images(tiny, ["tench", "goldfish"], num_inference_steps=2, height=16, width=16,
-                                 generator=torch.Generator().manual_seed(4))
-    finally:
-        hook.remove()
-    assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
-    # PLMS (PNDM with skip_prk_steps) evaluates its first timestep twice: 2 steps → 3 UNet calls,
-    # each on the conditional and the "" batch together (classifier-free guidance)
-    assert calls == [4, 4, 4]
-
-
 def test_fine_tune_starts_from_the_given_unet_weights(tiny, sd_folder):
     """The official "ft" script re-initialised the UNet it had loaded; here loading is the start."""
     given = tiny.unet.state_dict()
-    finetuned = build_model("sd-v1.4-unet", sd_dir=str(sd_folder), pretrained=True)
-    loaded = load_sd_components(sd_folder)
-    for state in (finetuned.unet.state_dict(), loaded.unet.state_dict()):
-        assert state.keys() == given.keys()
-        assert all(torch.equal(state[k], given[k]) for k in given)
+    state = build_model("sd-v1.4-unet", sd_dir=str(sd_folder), pretrained=True).unet.state_dict()
+    assert state.keys() == given.keys()
+    assert all(torch.equal(state[k], given[k]) for k in given)
     scratch = tiny_sd_components(seed=1).unet.state_dict()  # so the equality above is not vacuous
     assert not all(torch.equal(scratch[k], given[k]) for k in given)
-    assert not any(p.requires_grad for p in loaded.vae.parameters())
-    assert torch.equal(tokenize(loaded.tokenizer, ["crane"]), tokenize(tiny.tokenizer, ["crane"]))
+
+
+def test_class_prompts_are_encoded_by_the_folders_tokenizer_and_text_encoder(tiny, sd_folder):
+    table = prompt_table(str(sd_folder), ("crane", "tench, Tinca tinca"))
+    assert torch.equal(table, encode_prompts(tiny.text_encoder, tiny.tokenizer, ["crane", "tench, Tinca tinca", ""]))
+    assert not torch.equal(table[0], table[2])  # the prompts are not all encoded alike
+    ids = tokenize(tiny.tokenizer, ["crane"])[0]  # character by character, padded with <|endoftext|>
+    assert ids.tolist()[:7] == [0, *tiny.tokenizer.convert_tokens_to_ids(["c", "r", "a", "n", "e</w>"]), 1]
 
 
 def test_imagenet_prompts_make_the_two_cranes_unique():

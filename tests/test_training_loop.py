@@ -17,6 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from diffrepro.replicates import expand
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,16 +34,14 @@ def _cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    """Smoke-profile data, autoencoder and latents, built by the stage commands themselves."""
-    from diffrepro.profiles import compose
+def workspace(tmp_path_factory, smoke_repo) -> Path:
+    """Smoke-profile data, autoencoder and latents, as the session's smoke pipeline made them."""
+    from pipeline_repo import copy_outputs
 
-    work = tmp_path_factory.mktemp("loop")
-    params = compose("smoke", conf_dir=ROOT / "conf")
+    work = copy_outputs(smoke_repo, tmp_path_factory.mktemp("loop"), "data", "models/autoencoder")
+    params = yaml.safe_load((work / "params.yaml").read_text())
     params["train"]["log_every"] = 1
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    for stage in ("download", "prepare", "autoencoder", "extract-latents"):
-        _cli(work, stage)
     return work
 
 
@@ -50,6 +50,7 @@ def _with_run(src: Path, dst: Path, **changes) -> Path:
     shutil.copytree(src / "models" / "autoencoder", dst / "models" / "autoencoder", dirs_exist_ok=True)
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["runs"]["dit"].update(changes)
+    params["train_runs"], params["sample_runs"] = expand(params["runs"])  # as the composition does
     (dst / "params.yaml").write_text(yaml.safe_dump(params))
     return dst
 
@@ -155,12 +156,15 @@ def test_speed_pairs_are_timed_interleaved_and_their_ratios_agree_with_each_othe
     """One speed pair on the smoke data: every round yields the three ratios, and they obey the
     identities that link them (same batch: per image = per step; to the budget = per step × the
     runs' step counts)."""
-    from diffrepro import speed
+    from diffrepro import fingerprint, speed
+    from diffrepro.config import speed_file
+    from diffrepro.papers import speed_pairs
 
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     base = {**params["runs"]["dit"], "init_from": "data/latents", "eval_at": []}
     params["runs"] = {"finediffusion": {**base, "method": "finediffusion", "steps": 30},
                       "full_finetune": {**base, "method": "full_finetune", "steps": 60}}
+    params["train_runs"], params["sample_runs"] = expand(params["runs"])
     params["speed"] = {"rounds": 3, "steps": 2, "warmup": 1}
     monkeypatch.chdir(workspace)
     order = []
@@ -168,10 +172,11 @@ def test_speed_pairs_are_timed_interleaved_and_their_ratios_agree_with_each_othe
     monkeypatch.setattr(speed, "timed_round", lambda t, first, steps: order.append((t.run, first)) or
                         real_round(t, first, steps))
     speed.speed_stage(params)
-    result = json.loads(speed.speed_file(params).read_text())
-    assert result["params_sha256"] == speed.speed_fingerprint(params)
+    result = json.loads(speed_file(params).read_text())
+    assert result["params_sha256"] == fingerprint.speed(params, speed_pairs(params))
     pair = result["pairs"]["finediffusion_vs_full_finetune"]
     assert (pair["method"], pair["baseline"]) == ("finediffusion", "full_finetune")
+    assert list(result["pairs"]) == ["finediffusion_vs_full_finetune"]  # the declared pairs the profile has
     for k in range(3):
         per_step = pair["per_step"]["rounds"][k]
         assert pair["per_image"]["rounds"][k] == pytest.approx(per_step)
@@ -180,3 +185,26 @@ def test_speed_pairs_are_timed_interleaved_and_their_ratios_agree_with_each_othe
     assert order == [("finediffusion", 0), ("full_finetune", 0),  # warm-up, then alternating rounds
                      ("finediffusion", 1), ("full_finetune", 1), ("full_finetune", 3), ("finediffusion", 3),
                      ("finediffusion", 5), ("full_finetune", 5)]
+
+
+def test_the_loop_and_the_sampler_call_only_hooks_the_base_method_declares():
+    """Every hook train/sample/runs call is declared on `Method`, and each method's override takes
+    the base's parameters, so the stages can call each hook on every run without asking."""
+    import inspect
+    import re
+
+    from diffrepro.methods import METHODS, get_method
+    from diffrepro.methods.base import Method
+
+    get_method("dit")  # imports every method module
+    sources = [(ROOT / "src" / "diffrepro" / f).read_text() for f in ("train.py", "sample.py", "runs.py")]
+    called = {name for text in sources for name in re.findall(r"\bmethod\.(\w+)", text)}
+    assert {"plan_step", "transform_batch", "sampling_kwargs", "eps_loss", "coordinate_channels"} <= called
+    assert called <= set(dir(Method))
+    assert not any(re.search(r"(has|get)attr\([^,]*method\b", text) for text in sources)
+    for cls in METHODS.values():
+        for name in called:
+            base, own = getattr(Method, name), getattr(cls, name)
+            if inspect.isfunction(base):
+                assert list(inspect.signature(own).parameters) == list(inspect.signature(base).parameters), \
+                    f"{cls.__name__}.{name}"

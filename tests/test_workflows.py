@@ -25,7 +25,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline_repo import ROOT, env, make_repo, run
+from diffrepro.notebooks import NOTEBOOKS
+from pipeline_repo import ROOT, copy_outputs, env, make_repo, run
 
 WORKFLOWS = ROOT / ".github" / "workflows"
 CHAIN, FANOUT = WORKFLOWS / "paper-profile.yml", WORKFLOWS / "paper-profile-fanout.yml"
@@ -143,7 +144,7 @@ def test_the_fanout_matrix_is_exactly_the_runs_of_each_profile(tmp_path):
                                    "PYTHONPATH": str(ROOT / "src")})
         assert proc.returncode == 0, proc.stderr
         key, value = out.read_text().strip().split("=", 1)
-        assert key == "runs" and json.loads(value) == list(compose(profile, conf_dir=ROOT / "conf")["runs"]), profile
+        assert key == "runs" and json.loads(value) == list(compose(profile, conf_dir=ROOT / "conf")["train_runs"]), profile
 
 
 def test_the_report_job_waits_for_every_run():
@@ -234,7 +235,12 @@ class Runner:
             raise NotImplementedError(action)
 
 
-def test_the_fanout_runs_every_stage_once_and_reports_every_run(tmp_path):
+def test_the_fanout_runs_every_stage_once_and_reports_every_run(tmp_path, monkeypatch, smoke_repo):
+    """On runners with two processes per computing stage (gloo, as two GPUs would): besides what the
+    fan-out promises, the numbers equal those of the one-process `dvc exp run` (the session's smoke
+    repo) up to the order of floating-point reductions: same global batches, samples split across
+    the processes."""
+    monkeypatch.setenv("DIFFREPRO_NUM_PROCESSES", "2")  # every runner's environment
     origin = make_repo(tmp_path / "origin")
     for name in ("requirements.txt", "run.sh"):  # what the jobs' environment step reads
         shutil.copy2(ROOT / name, origin / name)
@@ -259,7 +265,8 @@ def test_the_fanout_runs_every_stage_once_and_reports_every_run(tmp_path):
     logs = {"shared": shared.log, **{r: m.log for r, m in matrix.items()}, "report": report.log}
     ran = [stage for log in logs.values() for stage in re.findall(r"Running stage '([^']+)'", log)]
     expected = ["download", "prepare", "autoencoder", "extract_latents", "features", "pretrain",
-                *[f"{s}@{r}" for r in runs for s in ("train", "sample", "evaluate")], "speed", "figures", "report"]
+                *[f"{s}@{r}" for r in runs for s in ("train", "sample", "evaluate")], "speed",
+                *[f"figures@{n}" for n in NOTEBOOKS], "report"]
     assert sorted(ran) == sorted(expected), logs
     assert set(re.findall(r"Running stage '([^']+)'", logs["dit"])) == {"train@dit", "sample@dit", "evaluate@dit"}
 
@@ -271,6 +278,16 @@ def test_the_fanout_runs_every_stage_once_and_reports_every_run(tmp_path):
         assert not (machine.workspace / "checkpoints").exists(), machine.root.name
         assert not (machine.workspace / ".dvc" / "cache").exists()
         assert any((machine.root / "state" / "dvc-cache").iterdir())
+
+    assert "diffrepro.launch train dit" in logs["dit"]
+    for r in runs:
+        one = json.loads((smoke_repo / "metrics" / "smoke" / f"{r}.json").read_text())
+        both = json.loads((report.workspace / "metrics" / "smoke" / f"{r}.json").read_text())
+        assert both["num_samples"] == one["num_samples"]
+        assert both["train"]["images_seen"] == one["train"]["images_seen"]
+        assert both["train"]["final_loss"] == pytest.approx(one["train"]["final_loss"], rel=1e-4)
+        for metric in ("fid", "fine_accuracy", "super_accuracy"):
+            assert both[metric] == pytest.approx(one[metric], rel=0.02, abs=0.02), metric
 
 
 # ---- the runner's first check: benchmarks/gpu_check.py ---------------------------------------------
@@ -310,8 +327,15 @@ def test_the_gpu_measurements_run_on_a_tiny_model(gpu_check):
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="with a GPU driver the check runs on CUDA")
-def test_the_gpu_check_runs_the_stand_in_harness_without_cuda():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| train step: dit | ok |" in proc.stdout and "| feature batch: inception | ok |" in proc.stdout
+def test_the_gpu_check_runs_the_stand_in_harness_without_cuda(gpu_check, smoke_repo, tmp_path, monkeypatch, capsys):
+    """The script's CPU mode, in this process; its harness works on a copy of the session's smoke
+    data, autoencoder and FID network instead of building them in a temporary folder first."""
+    from diffrepro import device_standin
+
+    workspace = copy_outputs(smoke_repo, tmp_path / "standin", "data", "models/autoencoder", "models/features")
+    harness = device_standin.run_harness
+    monkeypatch.setattr(device_standin, "run_harness", lambda: harness(workspace))
+    code = gpu_check.main([])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert "| train step: dit | ok |" in out and "| feature batch: inception | ok |" in out

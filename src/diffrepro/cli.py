@@ -64,14 +64,15 @@ def _stage(command: str, module: str, function: str, with_run: bool = False):
         from diffrepro.config import load_params
         from diffrepro.preflight import preflight
 
-        # DVC names the stage it runs (train@dit, pretrain, extract_latents); by hand: command@run
-        name = os.environ.get("DVC_STAGE") or (f"{command}@{args.run}" if with_run else command)
+        # DVC names the stage it runs (train@dit, figures@speedups, pretrain); by hand: command@run
+        target = args.run if with_run else getattr(args, "notebook", None)
+        name = os.environ.get("DVC_STAGE") or (f"{command}@{target}" if target else command)
         params = load_params(args.params)
         with stage_record(name, STAGE_RECORDS / params["profile"]):
             preflight(params)
             fn = getattr(importlib.import_module(f"diffrepro.{module}"), function)
-            if with_run:
-                fn(params, args.run)
+            if target:
+                fn(params, target)
             else:
                 fn(params)
 
@@ -88,7 +89,7 @@ STAGES = {
     "sample": ("sample", "sample_stage", True, "sample one run"),
     "evaluate": ("evaluate", "evaluate_stage", True, "score one run's samples"),
     "speed": ("speed", "speed_stage", False, "the speed claims, method and baseline interleaved"),
-    "figures": ("notebooks", "figures_stage", False, "execute the notebooks: one PNG each in REPORT_DIR/plots"),
+    "figures": ("notebooks", "figures_stage", False, "execute the notebooks (or one): a PNG each in REPORT_DIR/plots"),
     "report": ("report", "report_stage", False, "write REPORT_DIR/results.md and results.csv"),
 }
 
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         if with_run:
             p.add_argument("run", help="a run name from params.yaml `runs`")
+        if name == "figures":
+            p.add_argument("notebook", nargs="?", help="one notebook of notebooks/, no .ipynb (default: every one)")
         p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
         p.set_defaults(func=_stage(name, module, function, with_run))
     info = sub.add_parser("info", help="params, trainable params and GMACs of a model")

@@ -116,7 +116,10 @@ def _device_identity_permutation(cost: torch.Tensor) -> torch.Tensor:
 
 
 def run_params(params: dict, method: str, assignment: str = "none") -> dict:
-    """A tiny from-scratch run of `method` on the smoke data (one step, nothing saved)."""
+    """A tiny from-scratch run of `method` on the smoke data (one step, nothing saved), declared
+    as `runs.standin` and expanded as the composition expands every run."""
+    from diffrepro.replicates import expand
+
     model, space, diffusion, schedule, sampler = METHOD_RUNS[method]
     data = "data/latents" if space == "latent" else params["data"]["prepared_dir"]
     run = {**params["runs"]["dit"], "model": model, "method": method, "space": space, "diffusion": diffusion,
@@ -124,7 +127,8 @@ def run_params(params: dict, method: str, assignment: str = "none") -> dict:
            "sampler": sampler, "eval_at": [], "model_kwargs": {}, "method_kwargs": {"class_dropout": 0.1}}
     if method == "dimr":
         run["guidance_schedule"] = "increasing"
-    return {**params, "runs": {"standin": run}}
+    train_runs, sample_runs = expand({"standin": run})
+    return {**params, "runs": {"standin": run}, "train_runs": train_runs, "sample_runs": sample_runs}
 
 
 def check_training_step(params: dict, method: str, assignment: str = "none") -> str:

@@ -86,7 +86,7 @@ def evaluate_stage(params: dict, run: str) -> None:
         from diffrepro.lpips import load_lpips, lpips_diversity
 
         ev = params["evaluate"]
-        metrics["lpips"] = lpips_diversity(load_lpips(ev["lpips_weights"], ev["alexnet_weights"]), images, labels,
+        metrics["lpips"] = lpips_diversity(load_lpips(ev["alexnet_weights"]), images, labels,
                                            ev["diversity_pairs"], params["seed"])
     if cfg["split"] != "base":
         heldout = heldout_sample(prepared / params["data"]["heldout_split"], params["seed"])

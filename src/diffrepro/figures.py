@@ -20,30 +20,24 @@ import numpy as np
 import pandas as pd
 
 from diffrepro.atomic import atomic_path
-from diffrepro.config import run_params
+from diffrepro.config import run_names, training_params
 from diffrepro.inputs import read_json
-from diffrepro.report import REPLICATE, TABLES
+from diffrepro.papers import finediffusion, immiscible, patch_diffusion
 
 matplotlib.use("Agg")  # figures are files, never windows (also inside a Jupyter kernel)
 
 LOSS_TSV = Path("plots/metrics/train/loss.tsv")  # where dvclive puts `train/loss` inside logs/<run>/
 QUALITY_KEYS = ("fid", "fine_accuracy", "super_accuracy", "hue_error_deg")
-IMMISCIBLE_PAIRS = {"from scratch": ("dit", "immiscible"), "fine-tuning": ("vanilla_ft", "immiscible_ft")}
-PEFT_BASELINE, PEFT_RUNS = "full_finetune", ("finediffusion", "bitfit", "difffit")
-# The papers' speed-ups, taken from the report's table of published numbers (not typed twice).
-PAPER_FINEDIFFUSION_SPEEDUP = TABLES["finediffusion"].rows["finediffusion"]["speedup"]
-PAPER_PATCH_HOURS = (TABLES["patch"].rows["edm"]["train_hours"], TABLES["patch"].rows["patch"]["train_hours"])
-PAPER_PATCH_SPEEDUP = PAPER_PATCH_HOURS[0] / PAPER_PATCH_HOURS[1]
 
 
 # ---- reading the pipeline's outputs -------------------------------------------------------------
 
 def profile_runs(params: dict, runs: list[str] | None = None, with_pretrain: bool = False) -> list[str]:
-    """The runs to draw: `runs` as given, else the profile's own runs (and `pretrain` if asked),
-    sorted, without the seed replicates `<run>_seed<k>` — figures show seed 0, the report all seeds."""
+    """The runs to draw: `runs` as given, else the profile's declared runs at their first seed (and
+    `pretrain` if asked), sorted — figures show one seed, the report all seeds."""
     if runs is not None:
         return list(runs)
-    names = [r for r in params["runs"] if not REPLICATE.match(r)] + (["pretrain"] if with_pretrain else [])
+    names = list(params["runs"]) + (["pretrain"] if with_pretrain else [])
     return sorted(names)
 
 
@@ -94,8 +88,8 @@ def load_losses(logs_dir: str | Path, runs: list[str]) -> dict[str, pd.DataFrame
 
 def fine_tuning_runs(params: dict, runs) -> list[str]:
     """The runs that start from a trained model (`init_from` is not their data folder)."""
-    declared = params.get("runs", {})
-    return [r for r in runs if r in declared and run_params(params, r)["init_from"] != run_params(params, r)["data"]]
+    return [r for r in runs if r in run_names(params)
+            and training_params(params, r)["init_from"] != training_params(params, r)["data"]]
 
 
 # ---- what the figures show ----------------------------------------------------------------------
@@ -126,9 +120,10 @@ def speedups(metrics: dict[str, dict]) -> dict[str, dict[str, float]]:
     EDM's wall-clock to the image budget over Patch's, and the same per image seen.
     """
     out: dict[str, dict[str, float]] = {"finediffusion": {}, "patch": {}}
-    if PEFT_BASELINE in metrics:
-        base = metrics[PEFT_BASELINE]["train"]["step_seconds"]
-        out["finediffusion"] = {r: base / metrics[r]["train"]["step_seconds"] for r in PEFT_RUNS if r in metrics}
+    if finediffusion.BASELINE in metrics:
+        base = metrics[finediffusion.BASELINE]["train"]["step_seconds"]
+        out["finediffusion"] = {r: base / metrics[r]["train"]["step_seconds"]
+                                for r in finediffusion.PEFT_RUNS if r in metrics}
     if "edm" in metrics and "patch" in metrics:
         edm, patch = metrics["edm"]["train"], metrics["patch"]["train"]
         out["patch"] = {"wall-clock to the image budget": edm["train_seconds"] / patch["train_seconds"],
@@ -202,8 +197,8 @@ def plot_loss_curves(losses: dict[str, pd.DataFrame]):
 
 def plot_quality_vs_steps(metrics: dict[str, dict]):
     """FID (top) and fine-class accuracy (bottom) vs step, vanilla beside Immiscible, per arm."""
-    fig, axes = plt.subplots(2, len(IMMISCIBLE_PAIRS), figsize=(9, 6), squeeze=False)
-    for col, (arm, pair) in enumerate(IMMISCIBLE_PAIRS.items()):
+    fig, axes = plt.subplots(2, len(immiscible.PLOTTED_ARMS), figsize=(9, 6), squeeze=False)
+    for col, (arm, pair) in enumerate(immiscible.PLOTTED_ARMS.items()):
         present = [r for r in pair if r in metrics]
         for row, (key, label) in enumerate((("fid", "FID"), ("fine_accuracy", "fine-class accuracy"))):
             ax = axes[row][col]
@@ -225,10 +220,12 @@ def plot_quality_vs_steps(metrics: dict[str, dict]):
 
 def plot_speedups(bars: dict[str, dict[str, float]]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    panels = (("finediffusion", f"FineDiffusion & PEFT vs {PEFT_BASELINE} (s/step)", PAPER_FINEDIFFUSION_SPEEDUP,
-               f"paper: {PAPER_FINEDIFFUSION_SPEEDUP:.2f}×", f"needs {PEFT_BASELINE} and a PEFT run"),
-              ("patch", "Patch Diffusion vs EDM", PAPER_PATCH_SPEEDUP,
-               f"paper: ≈{PAPER_PATCH_SPEEDUP:.2f}× ({PAPER_PATCH_HOURS[0]} h / {PAPER_PATCH_HOURS[1]} h)", "needs edm and patch"))
+    fd_speedup, patch_speedup = finediffusion.SPEEDUP, patch_diffusion.WALL_CLOCK_SPEEDUP  # the papers'
+    panels = (("finediffusion", f"FineDiffusion & PEFT vs {finediffusion.BASELINE} (s/step)", fd_speedup,
+               f"paper: {fd_speedup:.2f}×", f"needs {finediffusion.BASELINE} and a PEFT run"),
+              ("patch", "Patch Diffusion vs EDM", patch_speedup,
+               f"paper: ≈{patch_speedup:.2f}× ({patch_diffusion.EDM_HOURS} h / {patch_diffusion.PATCH_HOURS} h)",
+               "needs edm and patch"))
     for ax, (group, title, paper, paper_label, missing) in zip(axes, panels):
         values = bars.get(group, {})
         ax.set_title(title, fontsize=10)

@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from diffrepro.config import run_params
+from diffrepro.config import training_params
 
 DATA_SECTIONS = ("data", "autoencoder", "latents")  # what a run trains on
 METRICS_SECTIONS = ("data", "features", "sample", "evaluate")  # the params of dvc.yaml's evaluate stage
@@ -32,12 +32,12 @@ def file_digest(path: str | Path) -> str:
 
 
 def lineage(params: dict, run: str) -> dict[str, dict]:
-    """The params of `run` and of every run it is initialised from (`init_from: models/<run>`)."""
+    """The training params of `run` and of every run it is initialised from (`init_from: models/<run>`)."""
     sections: dict[str, dict] = {}
     while run not in sections:
-        sections[run] = cfg = run_params(params, run)
+        sections[run] = cfg = training_params(params, run)
         base = Path(cfg["init_from"])
-        if base.parent != Path("models") or (base.name != "pretrain" and base.name not in params.get("runs", {})):
+        if base.parent != Path("models") or (base.name != "pretrain" and base.name not in params.get("train_runs", {})):
             break
         run = base.name
     return sections
@@ -50,12 +50,18 @@ def training(params: dict, run: str) -> str:
 
 
 def sampling(params: dict, run: str, weights: str | Path) -> str:
-    """One set of sample chunks': what trained the weights, the weights file itself, `sample`."""
+    """One set of sample chunks': what trained the weights, the weights file itself, how it samples."""
     return digest({"training": training(params, run), "weights": file_digest(weights),
-                   "sample": params["sample"]})
+                   "sample_run": params["sample_runs"][run], "sample": params["sample"]})
+
+
+def speed(params: dict, pairs: list[tuple[str, str]]) -> str:
+    """The speed measurements': `speed` and what each measured run trains (not the machine)."""
+    runs = sorted({run for pair in pairs for run in pair})
+    return digest({"speed": params["speed"], "runs": {r: training(params, r) for r in runs}})
 
 
 def metrics(params: dict, run: str) -> str:
-    """A metrics file's: the seed, the run's lineage and the params of the evaluate stage."""
-    return digest({"seed": params["seed"], "runs": lineage(params, run),
+    """A metrics file's: the seed, the run's lineage, its sampling and the params of the evaluate stage."""
+    return digest({"seed": params["seed"], "runs": lineage(params, run), "sample_run": params["sample_runs"][run],
                    **{key: params[key] for key in METRICS_SECTIONS}})

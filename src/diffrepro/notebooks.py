@@ -1,9 +1,12 @@
-"""`figures` stage: every notebook of notebooks/, executed by papermill on this profile's results.
+"""`figures` stage: the notebooks of notebooks/, executed by papermill on this profile's results.
 
-Each notebook draws one PNG into `<report.dir>/plots/`, reading `metrics/<profile>/`; the executed
-copy is kept in `<report.dir>/notebooks/`. jupyter_client interrupts (SIGINT) a kernel before it
-asks it to shut down; a finished kernel still handling a message then logs "KeyboardInterrupt
-caught in kernel" although nothing failed, so the kernels here are shut down without it.
+Each notebook draws one PNG into `<report.dir>/plots/` from this profile's metrics, samples or logs;
+the executed copy is kept in `<report.dir>/notebooks/`. The notebooks are the figures that the
+papers' declarations name (papers/), each its own DVC stage `figures@<notebook>`.
+
+jupyter_client interrupts (SIGINT) a kernel before it asks it to shut down; a finished kernel
+still handling a message then logs "KeyboardInterrupt caught in kernel" although nothing failed,
+so the kernels here are shut down without it.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from jupyter_client.manager import AsyncKernelManager
 
 from diffrepro.config import logs_dir, metrics_dir
 from diffrepro.errors import UserError
+from diffrepro.papers import FRONT_PAGE_FIGURES, PAPERS
 
 NOTEBOOK_DIR = Path("notebooks")
-NOTEBOOKS = ("sample_grids", "loss_curves", "immiscible_quality_vs_steps", "speedups",
-             "finediffusion_superclass_accuracy")
+NOTEBOOKS = tuple(dict.fromkeys(f.notebook for f in FRONT_PAGE_FIGURES
+                                + tuple(f for paper in PAPERS for f in paper.figures)))
 
 
 class QuietShutdownKernelManager(AsyncKernelManager):
@@ -28,14 +32,18 @@ class QuietShutdownKernelManager(AsyncKernelManager):
             await super()._async_interrupt_kernel()
 
 
-def figures_stage(params: dict) -> None:
+def figures_stage(params: dict, notebook: str | None = None) -> None:
+    """Execute `notebook` (a name in NOTEBOOKS), or every one when None."""
     import papermill
 
+    if notebook is not None and notebook not in NOTEBOOKS:
+        raise UserError(f"{NOTEBOOK_DIR / notebook}.ipynb is not a figure of the report: "
+                        f"name one of {', '.join(NOTEBOOKS)}")
     out = Path(params["report"]["dir"])
     parameters = {"metrics_dir": str(metrics_dir(params)), "logs_dir": str(logs_dir(params)),
                   "out_dir": str(out / "plots")}
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
-    for name in NOTEBOOKS:
+    for name in NOTEBOOKS if notebook is None else (notebook,):
         source, executed = NOTEBOOK_DIR / f"{name}.ipynb", out / "notebooks" / f"{name}.ipynb"
         try:
             papermill.execute_notebook(str(source), str(executed), parameters=parameters, kernel_name="python3",

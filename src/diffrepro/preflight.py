@@ -28,7 +28,7 @@ def require_gpu(params: dict) -> None:
 def required_weights(params: dict) -> list[tuple[Path, str]]:
     """(file or folder, where it comes from) of every pretrained file the profile's stages read."""
     from diffrepro.features import INCEPTION_HELP
-    from diffrepro.lpips import ALEXNET_HELP, LPIPS_HELP
+    from diffrepro.lpips import ALEXNET_HELP
     from diffrepro.methods.finediffusion import OFFICIAL_DIT_URL
     from diffrepro.models.autoencoder import SD_VAE_HELP
     from diffrepro.models.sd_unet import SD_SUBFOLDERS, SD_V14_REPO
@@ -38,8 +38,7 @@ def required_weights(params: dict) -> list[tuple[Path, str]]:
         needed.append((Path(params["autoencoder"]["path"]) / "config.json", SD_VAE_HELP))
     if params["features"]["kind"] == "inception":  # LPIPS is scored whenever features are Inception
         needed += [(Path(params["features"]["inception_weights"]), INCEPTION_HELP),
-                   (Path(params["evaluate"]["alexnet_weights"]), ALEXNET_HELP),
-                   (Path(params["evaluate"]["lpips_weights"]), LPIPS_HELP)]
+                   (Path(params["evaluate"]["alexnet_weights"]), ALEXNET_HELP)]
     for run in [params["pretrain"], *params["runs"].values()]:
         if run["init_from"].endswith(".pt"):
             needed.append((Path(run["init_from"]), f"the official DiT checkpoint (e.g. {OFFICIAL_DIT_URL})"))

@@ -14,6 +14,7 @@ import yaml
 from diffrepro.atomic import atomic_path
 from diffrepro.config import validate
 from diffrepro.errors import UserError
+from diffrepro.replicates import register
 
 CONF_DIR = Path("conf")
 
@@ -30,6 +31,7 @@ def compose(profile: str = "default", overrides: tuple[str, ...] = (), conf_dir:
 
     if profile not in profile_names(conf_dir):
         raise UserError(f"unknown profile {profile!r}; profiles: {', '.join(profile_names(conf_dir))}")
+    register()
     with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
         cfg = hydra_compose("config", overrides=[f"profile={profile}", *overrides])
     return validate(OmegaConf.to_container(cfg, resolve=True), f"conf/profile/{profile}.yaml")

@@ -12,6 +12,9 @@ import numpy as np
 import torch
 
 from diffrepro.data import shards
+from diffrepro.diffusion import Diffusion
+from diffrepro.diffusion.edm import EDM
+from diffrepro.diffusion.gaussian import GaussianDiffusion
 from diffrepro.errors import UserError
 from diffrepro.inputs import read_json, read_safetensors
 from diffrepro.latents import LatentSet
@@ -19,7 +22,8 @@ from diffrepro.models.autoencoder import to_unit_range
 from diffrepro.models.registry import build_model
 
 SPACES = ("latent", "pixel")
-DIFFUSIONS = ("gaussian", "edm")
+NOISE_PROCESSES: dict[str, type[Diffusion]] = {"gaussian": GaussianDiffusion, "edm": EDM}  # by `diffusion`
+DIFFUSIONS = tuple(NOISE_PROCESSES)
 
 
 class ImageSet:
@@ -68,41 +72,40 @@ def model_config(cfg: dict, method, data_shape: tuple[int, ...], num_classes: in
     kwargs = {"input_size": size, "in_channels": channels, "num_classes": num_classes}
     if method.tiered_classes:
         kwargs["num_super_classes"] = num_super
-    extra = getattr(method, "coordinate_channels", 0)
-    if extra:
-        kwargs["extra_in_channels"] = extra
+    if method.coordinate_channels:
+        kwargs["extra_in_channels"] = method.coordinate_channels
     return {**kwargs, **method.model_overrides, **cfg["model_kwargs"]}
 
 
+def _process_class(diffusion: str) -> type[Diffusion]:
+    if diffusion not in NOISE_PROCESSES:
+        raise UserError(f"params.yaml: run diffusion must be one of {DIFFUSIONS}, got {diffusion!r}")
+    return NOISE_PROCESSES[diffusion]
+
+
+def noise_process(cfg: dict, model: torch.nn.Module) -> Diffusion:
+    """The run's diffusion (its `diffusion` and `schedule` params) for its network `model`: the
+    registered backbone or the network built around it (Gaussian: the same module)."""
+    return _process_class(cfg["diffusion"]).for_run(cfg["schedule"], model)
+
+
 def build_network(model_name: str, kwargs: dict, diffusion: str) -> torch.nn.Module:
-    """The registered backbone, wrapped in EDM's preconditioning for EDM runs.
+    """The registered backbone, wrapped as the run's noise process calls it (EDM: preconditioned).
 
     The SD UNet (`sd-v1.4-unet`) is built from its kwargs alone, so the trained run rebuilds
     identically from config.json: `sd_dir` (the local SD v1.4 folder: its frozen text encoder
     encodes the class prompts once; with `pretrained`, its UNet weights are the start) and
     `classes_dir` (the prepared data, whose class names become the prompts).
     """
-    if diffusion not in DIFFUSIONS:
-        raise UserError(f"params.yaml: run diffusion must be one of {DIFFUSIONS}, got {diffusion!r}")
-    net = build_model(model_name, **kwargs)
-    if diffusion == "edm":
-        from diffrepro.diffusion.edm import EDMDenoiser
-
-        return EDMDenoiser(net)
-    return net
+    return _process_class(diffusion).network(build_model(model_name, **kwargs))
 
 
 def set_matmul_precision(cfg: dict) -> None:
     """TF32 matmuls/convolutions on CUDA as each paper's official code does: enabled by DiT, DiMR
     and the SD training scripts, disabled by EDM (and so Patch Diffusion). No effect on the CPU."""
-    precision = "ieee" if cfg["diffusion"] == "edm" else "tf32"
+    precision = _process_class(cfg["diffusion"]).fp32_precision
     torch.backends.cuda.matmul.fp32_precision = precision
     torch.backends.cudnn.conv.fp32_precision = precision
-
-
-def learns_sigma(model: torch.nn.Module) -> bool:
-    """DiT predicts ε and the variance (2C output channels); DiMR and the UNets predict ε only."""
-    return model.out_channels == 2 * model.in_channels
 
 
 def train_command(run: str) -> str:

@@ -34,7 +34,7 @@ from diffrepro.inputs import read_safetensors
 from diffrepro.methods import get_method
 from diffrepro.models.autoencoder import load_autoencoder, to_uint8
 from diffrepro.paths import checkpoints_root
-from diffrepro.runs import class_counts, learns_sigma, load_trained, rng, set_matmul_precision, train_command
+from diffrepro.runs import class_counts, load_trained, noise_process, rng, set_matmul_precision, train_command
 
 SAMPLE_SEED_OFFSET = 10_000  # sampling noise never reuses a training step's stream
 
@@ -58,14 +58,8 @@ class RunSampler:
         self.model, self.config, self.cfg, self.seed = model.to(self.device), config, cfg, seed
         self.vae = vae.to(self.device) if vae is not None else None
         self.method = get_method(config["method"], **config["method_kwargs"])
-        if config["diffusion"] == "gaussian":
-            from diffrepro.diffusion.gaussian import GaussianDiffusion, make_betas
-
-            self.diffusion = GaussianDiffusion(make_betas(config["schedule"], 1000),
-                                               learn_sigma=learns_sigma(model))
-        elif cfg["guidance_schedule"] != "constant":
-            raise UserError(f"params.yaml: `{where}.guidance_schedule` must be constant for an EDM run "
-                            f"(the increasing schedule is defined on DDPM timesteps), got {cfg['guidance_schedule']!r}")
+        self.diffusion = noise_process(config, model)
+        self.diffusion.check_sampling(cfg, where)
 
     def generators(self, indices: np.ndarray) -> list[torch.Generator]:
         """One generator per image, seeded by (sample seed, image index)."""
@@ -96,23 +90,8 @@ class RunSampler:
             y = guide = None
         else:
             guide = self.method.guidance_labels(y, s, self.model)
-        scale = self.cfg["guidance_scale"]
-        if self.config["diffusion"] == "edm":
-            from diffrepro.diffusion.edm import edm_sample, make_denoiser_fn
-
-            extra = (self.method.sampling_kwargs(len(x_T), kw["input_size"], self.device)
-                     if hasattr(self.method, "sampling_kwargs") else {})
-            fn = make_denoiser_fn(self.model, y, scale, guide, **extra)
-            x0 = edm_sample(fn, x_T.shape, steps=self.cfg["sample_steps"], noise=x_T, generator=generators)
-        else:
-            from diffrepro.diffusion.gaussian import guided_model_fn, sample
-
-            fn = guided_model_fn(self.model, y, guide, scale, guided_channels=self.cfg["guided_channels"],
-                                 scale_schedule=self.cfg["guidance_schedule"],
-                                 num_timesteps=self.diffusion.num_timesteps,
-                                 scale_power=self.cfg["guidance_power"])
-            x0 = sample(self.diffusion, fn, x_T.shape, sampler=self.cfg["sampler"],
-                        steps=self.cfg["sample_steps"], noise=x_T, generator=generators)
+        extra = self.method.sampling_kwargs(len(x_T), kw["input_size"], self.device)
+        x0 = self.diffusion.sample_images(self.model, x_T, y, guide, self.cfg, generators, extra)
         return x0.float()
 
 

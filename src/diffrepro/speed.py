@@ -22,25 +22,10 @@ import torch
 
 from diffrepro import fingerprint
 from diffrepro.atomic import atomic_path
-from diffrepro.config import metrics_dir, run_params
+from diffrepro.config import run_params, speed_file
+from diffrepro.papers import speed_pairs
 
-SPEED_PAIRS = (("finediffusion", "full_finetune"), ("bitfit", "full_finetune"), ("difffit", "full_finetune"),
-               ("patch", "edm"), ("patch_small", "edm_small"))
 MEASURES = ("per_step", "per_image", "to_budget")
-
-
-def speed_file(params: dict):
-    return metrics_dir(params) / "speed.json"
-
-
-def measured_pairs(params: dict) -> list[tuple[str, str]]:
-    return [(m, b) for m, b in SPEED_PAIRS if m in params["runs"] and b in params["runs"]]
-
-
-def speed_fingerprint(params: dict) -> str:
-    """What the measurements depend on: `speed` and what each measured run trains (not the machine)."""
-    runs = sorted({run for pair in measured_pairs(params) for run in pair})
-    return fingerprint.digest({"speed": params["speed"], "runs": {r: fingerprint.training(params, r) for r in runs}})
 
 
 def timed_round(trainer, first_step: int, steps: int) -> tuple[float, int]:
@@ -83,6 +68,7 @@ def speed_stage(params: dict) -> None:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    results = {f"{m}_vs_{b}": measure_pair(params, m, b, accelerator) for m, b in measured_pairs(params)}
+    pairs = speed_pairs(params)  # declared by the papers (src/diffrepro/papers/)
+    results = {f"{m}_vs_{b}": measure_pair(params, m, b, accelerator) for m, b in pairs}
     with atomic_path(speed_file(params)) as tmp:
-        tmp.write_text(json.dumps({"pairs": results, "params_sha256": speed_fingerprint(params)}, indent=1))
+        tmp.write_text(json.dumps({"pairs": results, "params_sha256": fingerprint.speed(params, pairs)}, indent=1))

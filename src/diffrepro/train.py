@@ -14,7 +14,6 @@ when training is complete.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import shutil
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from diffrepro import fingerprint
@@ -32,14 +32,13 @@ from diffrepro.config import logs_dir, run_key, run_params
 from diffrepro.errors import TrainingPaused, UserError
 from diffrepro.inputs import read_safetensors
 from diffrepro.methods import get_method
-from diffrepro.methods.immiscible import NoiseAssigner, knn_select, mean_pair_distance
+from diffrepro.methods.immiscible import make_assigner, mean_pair_distance
 from diffrepro.models.info import count_params
+from diffrepro.models.registry import build_model
 from diffrepro.paths import (batch_per_device, checkpoints_root, compile_requested, pause_marker,
                              train_seconds_budget)
-from diffrepro.runs import (build_network, class_counts, learns_sigma, model_config, rng, set_matmul_precision,
-                           train_command, training_set)
-
-NUM_TIMESTEPS = 1000
+from diffrepro.runs import (class_counts, model_config, noise_process, rng, set_matmul_precision, train_command,
+                           training_set)
 
 
 def _load_init(model: torch.nn.Module, cfg: dict) -> str | None:
@@ -64,10 +63,21 @@ def _load_init(model: torch.nn.Module, cfg: dict) -> str | None:
     return str(init)
 
 
-def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    """EMA of the trained tensors, on their device, in one foreach lerp (frozen tensors never move)."""
-    with torch.no_grad():
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+class RunEma(ModelEmaV3):
+    """timm's EMA (one foreach lerp of every parameter, on their device) with the run's decay:
+    `ema_decay`, or with `ema_warmup` min(ema_decay, (1 + s)/(10 + s)) at step s (TensorFlow's
+    num_updates rule) — timm's own warm-up, 1 − (1 + s/γ)^−p, has another shape, so this class
+    supplies the decay and timm does the averaging. Measured bit-identical to the hand-written
+    foreach lerp it replaced (docs/gpu.md, "The EMA"); a frozen tensor's lerp towards itself is exact,
+    so lerping every parameter (as DiT's official `update_ema` does) changes none of them.
+    Buffers are copied, not averaged (no network here holds a trained buffer)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool):
+        super().__init__(model, decay=decay, exclude_buffers=True, stochastic_rounding=False)
+        self.warmup = warmup
+
+    def get_decay(self, step: int | None = None) -> float:
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
 
 def micro_batch_count(batch_size: int, processes: int, per_device: int | None, where: str) -> int:
@@ -118,24 +128,22 @@ class Trainer:
         self.micro_batches = micro_batch_count(cfg["batch_size"], accelerator.num_processes, batch_per_device(),
                                                f"{run_key(run)}.batch_size")
         torch.manual_seed(self.seed)
-        self.model = build_network(cfg["model"], self.model_kwargs, cfg["diffusion"])
-        self.base_dir = _load_init(self.model.net if cfg["diffusion"] == "edm" else self.model, cfg)
+        backbone = build_model(cfg["model"], **self.model_kwargs)
+        self.diffusion = noise_process(cfg, backbone)
+        self.base_dir = _load_init(backbone, cfg)
+        self.model = self.diffusion.network(backbone)
         self.method.configure_model(self.model)
         self.delta_of = self.base_dir if self.method.peft else None
         groups = self.method.param_groups(self.model, cfg["weight_decay"])
         self.opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]),
                                      fused=True if accelerator.device.type == "cuda" else None)
-        self.assigner = NoiseAssigner(cfg["assignment"])
-        if cfg["diffusion"] == "gaussian":
-            from diffrepro.diffusion.gaussian import GaussianDiffusion, make_betas
-
-            self.diffusion = GaussianDiffusion(make_betas(cfg["schedule"], NUM_TIMESTEPS),
-                                               learn_sigma=learns_sigma(self.model))
+        self.assigner = make_assigner(cfg["assignment"])
+        # the EMA copies the network before `prepare` (timm's EMA makes a generator on the network's
+        # device, which the `meta` stand-in cannot) and follows it to the training device
+        self.averager = RunEma(self.model, cfg["ema_decay"], cfg["ema_warmup"])
         self.model, self.opt = accelerator.prepare(self.model, self.opt)  # DDP / torch.compile wrappers
         self.net = accelerator.unwrap_model(self.model, keep_torch_compile=False)  # the plain network
-        self.ema = copy.deepcopy(self.net).requires_grad_(False)  # after prepare: on the training device
-        trained = [(e, p) for e, p in zip(self.ema.parameters(), self.net.parameters()) if p.requires_grad]
-        self.ema_params, self.trained_params = [e for e, _ in trained], [p for _, p in trained]
+        self.ema = self.averager.to(accelerator.device).module.requires_grad_(False)
         self.images_seen = 0
         self.pending_losses: list[torch.Tensor] = []  # per-step loss of this process, on the device
         self.pair_distance: list[torch.Tensor] = []
@@ -144,39 +152,20 @@ class Trainer:
         warmup = self.cfg["warmup_steps"]
         return self.cfg["lr"] * min(1.0, (step + 1) / warmup) if warmup else self.cfg["lr"]
 
-    def ema_decay_at(self, step: int) -> float:
-        decay = self.cfg["ema_decay"]
-        return min(decay, (1 + step) / (10 + step)) if self.cfg["ema_warmup"] else decay
-
     def draw(self, step: int) -> HostBatch:
         """Step `step`'s global batch, identical on every process (host only: safe in a thread)."""
         gen = rng(self.seed, step)
         dropout_seed = int(torch.randint(0, 2**31, (1,), generator=gen))
-        plan = None
-        batch = self.cfg["batch_size"]
-        if hasattr(self.method, "plan_step"):
-            plan = self.method.plan_step(step, self.seed, batch, self.data_shape[-1])
-            batch = plan.images
-        index = torch.randint(len(self.data), (batch,), generator=gen)
+        plan = self.method.plan_step(step, self.seed, self.cfg["batch_size"], self.data_shape[-1])
+        index = torch.randint(len(self.data), (plan.images,), generator=gen)
         x0 = self.data.sample_batch(index, gen)
         labels, supers = self.data.labels[index], self.data.super_labels[index]
         labels = self.method.training_labels(labels, supers, gen, self.net)
-        if plan is not None:
-            x0, extra = self.method.transform_batch(x0, gen, plan.patch_size)
-        else:
-            x0, extra = self.method.transform_batch(x0, gen)
-        if self.cfg["diffusion"] == "edm":  # ln σ ~ N(P_mean, P_std²), drawn for the global batch
-            from diffrepro.diffusion.edm import P_MEAN, P_STD
-
-            timesteps = (torch.randn(len(x0), generator=gen) * P_STD + P_MEAN).exp()
-        else:
-            timesteps = torch.randint(NUM_TIMESTEPS, (len(x0),), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        if self.assigner.mode == "knn":  # k candidates per image of this process's slice, its own stream
-            part = self.process_slice(len(x0))
-            shape = (part.stop - part.start, self.assigner.k, *x0.shape[1:])
-            noise = torch.randn(shape, generator=rng(self.seed, step, 1 + self.acc.process_index))
-        return HostBatch(x0, labels, timesteps, noise, extra, batch, dropout_seed)
+        x0, extra = self.method.transform_batch(x0, gen, plan)
+        timesteps = self.diffusion.draw_levels(len(x0), gen)
+        noise = self.assigner.draw(x0.shape, self.process_slice(len(x0)), gen,
+                                   rng(self.seed, step, 1 + self.acc.process_index))  # this process's stream
+        return HostBatch(x0, labels, timesteps, noise, extra, plan.images, dropout_seed)
 
     def process_slice(self, global_size: int) -> slice:
         """This process's contiguous share of a global batch (divisible: see `micro_batch_count`)."""
@@ -188,28 +177,15 @@ class Trainer:
         dev = self.acc.device
         move = lambda v: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v  # noqa: E731
         part = self.process_slice(len(host.x0))
-        x0, noise = move(host.x0), host.noise
-        if self.assigner.mode == "lsa_global":  # every process holds the global batch: solve it once each
-            noise = self.assigner.assign(x0, move(noise))[part]
-        x0 = x0[part]
-        if self.assigner.mode == "knn":
-            noise = knn_select(x0, move(noise), self.assigner.quantize_fp16, self.assigner.squared)
-        elif self.assigner.mode != "lsa_global":
-            noise = self.assigner.assign(x0, move(noise[part]))
+        x0 = move(host.x0)
+        noise = self.assigner.assign(x0, host.noise, part)
         labels = None if host.labels is None else move(host.labels[part])
         extra = {key: move(v[part]) for key, v in host.extra.items()}
-        return x0, labels, move(host.timesteps[part]), noise, extra
+        return x0[part], labels, move(host.timesteps[part]), noise, extra
 
     def loss(self, x0, labels, timesteps, noise, extra) -> torch.Tensor:
         with self.acc.autocast():
-            if self.cfg["diffusion"] == "edm":
-                from diffrepro.diffusion.edm import edm_loss
-
-                return edm_loss(self.model, x0, labels, noise=noise, sigma=timesteps, **extra).mean()
-            losses = self.diffusion.training_losses(self.model, x0, timesteps, noise=noise,
-                                                    model_kwargs={"y": labels, **extra},
-                                                    eps_loss=getattr(self.method, "eps_loss", None))
-            return losses["loss"].mean()
+            return self.diffusion.loss(self.model, x0, timesteps, noise, labels, extra, self.method.eps_loss).mean()
 
     def step(self, step: int, host: HostBatch | None = None) -> None:
         """One optimizer step. No host sync: the loss stays on the device until `logged_losses`."""
@@ -235,7 +211,7 @@ class Trainer:
         if self.cfg["grad_clip"] > 0:
             self.acc.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
         self.opt.step()
-        update_ema(self.ema_params, self.trained_params, self.ema_decay_at(step))
+        self.averager.update(self.net, step)
         self.images_seen += host.images
         self.pending_losses.append(total)
 

@@ -19,7 +19,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import tarfile
 import zipfile
 import zlib
@@ -145,41 +144,6 @@ def _label_of(source: Path, name: str) -> str:
 
 def _is_image(name: str, exts: tuple[str, ...]) -> bool:
     return name.lower().endswith(exts)
-
-
-def extract_archive(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Unpack a .tar / .tar.gz / .zip into `dest`, refusing members that would land outside it
-    and links or devices; `dest` appears under its name only once everything is unpacked."""
-    path, dest = Path(path), Path(dest)
-    try:
-        with atomic_path(dest, is_dir=True) as tmp:
-            if zipfile.is_zipfile(path):
-                with zipfile.ZipFile(path) as zf:
-                    for info in zf.infolist():
-                        _unpack_one(tmp / _safe_name(path, info.filename), info.is_dir(),
-                                    lambda info=info: zf.open(info))
-            else:
-                with tarfile.open(path, mode="r|*") as tf:
-                    for member in tf:
-                        target = tmp / _safe_name(path, member.name)
-                        if not (member.isfile() or member.isdir()):
-                            raise UserError(f"{path}: member {member.name!r} is a link or device; "
-                                            "refusing to unpack it — get a clean copy")
-                        _unpack_one(target, member.isdir(),
-                                    lambda member=member: tf.extractfile(member))
-    except ARCHIVE_ERRORS as err:
-        raise UserError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}); delete it "
-                        "and download it again") from None
-    return dest
-
-
-def _unpack_one(target: Path, is_dir: bool, open_member) -> None:
-    if is_dir:
-        target.mkdir(parents=True, exist_ok=True)
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open_member() as src, open(target, "wb") as dst:
-        shutil.copyfileobj(src, dst)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ written from the paper's equations (Table 1, Eq. 7–8, Algorithms 1–2, config
 - Sampler: σ_i = (σ_max^(1/ρ) + i/(N−1)(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, σ_N = 0; Heun's 2nd-order
   step except an Euler last step (NFE = 2N − 1); optional churn (S_churn, S_min, S_max, S_noise)
   lifts σ_i to σ̂ = σ_i(1 + γ) with fresh noise first. Arithmetic in float64, as EDM.
+- `EDM`: these as a run's noise process (the `Diffusion` interface the training loop and the
+  sampler call).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from diffrepro.diffusion import Diffusion
 from diffrepro.errors import UserError
 
 SIGMA_DATA = 0.5
@@ -184,3 +187,35 @@ def make_denoiser_fn(denoiser: Callable, labels: torch.Tensor | None = None, gui
         return null + guidance * (cond - null)
 
     return guided
+
+
+class EDM(Diffusion):
+    """EDM as a run's noise process: ln σ ~ N(P_mean, P_std²), EDM's loss, the Heun sampler."""
+
+    fp32_precision = "ieee"  # EDM's code (and so Patch Diffusion's) disables TF32
+
+    @classmethod
+    def for_run(cls, schedule: str, model: nn.Module) -> "EDM":
+        """EDM has its own σ schedule: the run's `schedule` plays no part."""
+        return cls()
+
+    @staticmethod
+    def network(backbone: nn.Module) -> nn.Module:
+        return EDMDenoiser(backbone)
+
+    def draw_levels(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return (torch.randn(n, generator=generator) * P_STD + P_MEAN).exp()
+
+    def loss(self, model, x0, levels, noise, labels, model_kwargs, eps_loss=None):
+        """`edm_loss` at the drawn σ (`levels`); EDM predicts no ε, so a method's `eps_loss` plays no part."""
+        return edm_loss(model, x0, labels, noise=noise, sigma=levels, **model_kwargs)
+
+    def check_sampling(self, cfg: dict, where: str) -> None:
+        if cfg["guidance_schedule"] != "constant":
+            raise UserError(f"params.yaml: `{where}.guidance_schedule` must be constant for an EDM run "
+                            f"(the increasing schedule is defined on DDPM timesteps), got {cfg['guidance_schedule']!r}")
+
+    def sample_images(self, model, x_T, labels, guide_labels, cfg, generators, model_kwargs):
+        """Heun in `cfg["sample_steps"]` steps, classifier-free guided by `cfg["guidance_scale"]`."""
+        fn = make_denoiser_fn(model, labels, cfg["guidance_scale"], guide_labels, **model_kwargs)
+        return edm_sample(fn, x_T.shape, steps=cfg["sample_steps"], noise=x_T, generator=generators)

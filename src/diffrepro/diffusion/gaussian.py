@@ -12,6 +12,8 @@ FineDiffusion train and sample with, and whose ᾱ DiMR samples with (through DP
 - Timesteps are 0-based indices into the tables. A respaced diffusion keeps the original ᾱ at
   its kept steps and `timestep_map` sends its indices back to the original ones: the network
   always sees original-scale t.
+- A run's `GaussianDiffusion` (T = 1000, `for_run`) is its noise process: the `Diffusion`
+  interface the training loop and the sampler call.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from diffrepro.diffusion import dpm_solver
+from diffrepro.diffusion import Diffusion, dpm_solver
 from diffrepro.errors import UserError
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NUM_TIMESTEPS = 1000  # T of every run (DiT, FineDiffusion, DiMR, SD)
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -106,7 +109,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-class GaussianDiffusion:
+class GaussianDiffusion(Diffusion):
     """The forward process q, the reverse p_θ from a network output, and the hybrid loss."""
 
     def __init__(
@@ -144,6 +147,12 @@ class GaussianDiffusion:
         )
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+
+    @classmethod
+    def for_run(cls, schedule: str, model: torch.nn.Module) -> "GaussianDiffusion":
+        """T = 1000 steps of `schedule`; Σ is learned when the network outputs 2C channels (DiT:
+        ε and the variance), fixed when it outputs C (DiMR and the UNets: ε only)."""
+        return cls(make_betas(schedule, NUM_TIMESTEPS), learn_sigma=model.out_channels == 2 * model.in_channels)
 
     def respaced(self, section_counts: str) -> "GaussianDiffusion":
         """The diffusion on the kept steps: β'_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}}, so ᾱ is unchanged there."""
@@ -263,6 +272,23 @@ class GaussianDiffusion:
         else:
             vb = torch.zeros_like(mse)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+    def draw_levels(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """t ~ U{0, ..., T − 1} for each of n images."""
+        return torch.randint(self.num_timesteps, (n,), generator=generator)
+
+    def loss(self, model, x0, levels, noise, labels, model_kwargs, eps_loss=None):
+        """The hybrid loss (or `eps_loss`) per sample, the labels passed as the network's `y`."""
+        return self.training_losses(model, x0, levels, noise=noise, model_kwargs={"y": labels, **model_kwargs},
+                                    eps_loss=eps_loss)["loss"]
+
+    def sample_images(self, model, x_T, labels, guide_labels, cfg, generators, model_kwargs):
+        """`cfg["sampler"]` in `cfg["sample_steps"]` calls of the guided model (`guided_model_fn`)."""
+        fn = guided_model_fn(model, labels, guide_labels, cfg["guidance_scale"], guided_channels=cfg["guided_channels"],
+                             scale_schedule=cfg["guidance_schedule"], num_timesteps=self.num_timesteps,
+                             scale_power=cfg["guidance_power"], **model_kwargs)
+        return sample(self, fn, x_T.shape, sampler=cfg["sampler"], steps=cfg["sample_steps"], noise=x_T,
+                      generator=generators)
 
 
 def guided_model_fn(

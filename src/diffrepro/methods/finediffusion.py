@@ -14,8 +14,8 @@ What each method trains on a pretrained DiT (the official code selects by parame
   class table and a per-channel γ (init 1) scaling each block's attention and MLP branches.
 
 `model_overrides` on each method names the backbone options it needs; the builder applies them.
-Pretrained weights come from `load_official_dit`; a fine-tuned model is stored as its trainable
-parameters only (`save_delta`) and re-assembled on the base weights (`load_delta`).
+Pretrained weights come from `load_official_dit`; a PEFT run stores only its trained tensors,
+put back on its base run's weights by `runs.load_trained`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from diffrepro.atomic import atomic_path
 from diffrepro.errors import UserError
 from diffrepro.methods.base import Method, register_method
 
@@ -144,36 +142,3 @@ def load_base_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
                         f"unexpected {list(unexpected)[:5]}")
     return list(missing)
 
-
-def save_delta(model: torch.nn.Module, path: str | Path, trainable_in: torch.nn.Module | None = None) -> None:
-    """Store only the trainable parameters (1.77 % of DiT-XL/2 for FineDiffusion) as safetensors.
-
-    Which parameters count as trainable is read from `trainable_in` (default: `model` itself), so
-    an EMA copy, whose parameters never require grad, is saved with its trained model's selection.
-    """
-    selector = dict((trainable_in or model).named_parameters())
-    delta = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
-             if selector[name].requires_grad}
-    with atomic_path(path) as tmp:
-        save_file(delta, str(tmp), metadata={"content": "diffrepro fine-tuning delta"})
-
-
-def load_delta(base: torch.nn.Module | dict[str, torch.Tensor], path: str | Path):
-    """Base weights + stored delta = the fine-tuned model.
-
-    `base` is a model holding the base weights (updated in place and returned) or a state dict
-    (a new merged dict is returned). Every delta tensor must replace a base tensor of equal shape.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"fine-tuning delta not found: {path}; run the training stage that writes it")
-    delta = load_file(str(path))
-    state = base.state_dict() if isinstance(base, torch.nn.Module) else base
-    for name, tensor in delta.items():
-        if name not in state or state[name].shape != tensor.shape:
-            raise UserError(f"{path}: delta tensor {name} {tuple(tensor.shape)} has no counterpart in the "
-                            f"base model; it was saved from a different model config")
-    if isinstance(base, torch.nn.Module):
-        base.load_state_dict(delta, strict=False)
-        return base
-    return {**base, **delta}

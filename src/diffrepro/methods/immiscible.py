@@ -6,14 +6,12 @@ changes: the batch of noises is the same set of Gaussian draws, and the timestep
 keep their order. "Improved Immiscible Diffusion" (arXiv 2505.18521) replaces the assignment by a
 per-sample k-nearest choice: draw k candidate noises per image and keep the closest one.
 
-The training loop calls a `NoiseAssigner` right after encoding a batch, instead of drawing the noise
-itself, and before drawing the timesteps (so, as in the official code, t plays no part):
+A run selects its assignment by the param `assignment` (`make_assigner`, one class per mode). The
+training loop draws each step's noise with it on the host (`draw`) and pairs that noise with the
+images on the device (`assign`); as in the official code, the timesteps play no part. The cost
+matrix is built on the batch's device; only scipy's solve runs on the host (a B×B copy).
 
-    noise = assigner(x0, generator)        # or assigner.assign(x0, drawn_noise)
-
-The cost matrix is built on the batch's device; only scipy's solve runs on the host (a B×B copy).
-
-Modes (the run param `assignment`):
+Modes:
 - `none`: plain N(0, I) noise.
 - `lsa`: linear assignment over the batch this process holds.
 - `lsa_global`: linear assignment over the global batch of all processes, as the official SD runs
@@ -39,7 +37,6 @@ from scipy.optimize import linear_sum_assignment
 
 from diffrepro.errors import UserError
 
-MODES = ("none", "lsa", "lsa_global", "knn")
 FP16_SCALE = 0.1  # the official code scales by 0.1 before the fp16 cast (an overflow guard)
 
 
@@ -90,39 +87,74 @@ def knn_select(x0: torch.Tensor, candidates: torch.Tensor, quantize_fp16: bool =
     return candidates[torch.arange(b, device=candidates.device), nearest]
 
 
-class NoiseAssigner:
-    """Draws the training noise for a batch and pairs it with the images by `mode`."""
+class NoiseAssignment:
+    """Every assignment's two steps, which the training loop calls whatever the run selects:
+    `draw` on the host (in the thread that draws the step one ahead) and `assign` on the device;
+    both see the global batch, as every process draws it. As it stands this is `none`: each
+    image keeps the N(0, I) noise drawn in its position."""
 
-    def __init__(self, mode: str = "none", k: int = 64, quantize_fp16: bool = True,
-                 squared: bool = False):
-        if mode not in MODES:
-            raise UserError(f"assignment mode {mode!r} is unknown; use one of {', '.join(MODES)}")
-        if mode == "knn" and k < 1:
-            raise UserError(f"knn assignment needs k >= 1 candidate noises, got k={k}")
-        self.mode, self.k, self.quantize_fp16, self.squared = mode, k, quantize_fp16, squared
+    def draw(self, shape: tuple[int, ...], part: slice, step_generator: torch.Generator,
+             process_generator: torch.Generator) -> torch.Tensor:
+        """The noise `assign` pairs (host): the global batch's, from the step's generator."""
+        return torch.randn(shape, generator=step_generator)
 
-    @torch.no_grad()
-    def __call__(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Noise shaped like x0. With k = 1 or mode `none` this is exactly `randn(x0.shape)`."""
-        if self.mode == "knn":
-            candidates = self._randn((x0.shape[0], self.k, *x0.shape[1:]), x0, generator)
-            return knn_select(x0, candidates, self.quantize_fp16, self.squared)
-        return self.assign(x0, self._randn(x0.shape, x0, generator))
+    def assign(self, x0: torch.Tensor, noise: torch.Tensor, part: slice) -> torch.Tensor:
+        """The noise of this process's images x0[part], on x0's device (x0: the global batch)."""
+        return noise[part].to(x0.device, non_blocking=True)
 
-    @torch.no_grad()
-    def assign(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Re-pair given noise with x0 (modes none/lsa/lsa_global): returns a permutation of it.
-        `lsa` and `lsa_global` differ only in the batch they are given (a process's or the global)."""
-        if self.mode == "knn":
-            raise UserError("knn assignment draws its own candidates; call the assigner, not assign()")
-        if self.mode == "none":
-            return noise
+
+class LocalAssignment(NoiseAssignment):
+    """`lsa`: the optimal permutation of the noise over the images this process holds."""
+
+    def __init__(self, quantize_fp16: bool = True, squared: bool = False):
+        self.quantize_fp16, self.squared = quantize_fp16, squared
+
+    def pair(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The permutation of `noise` minimising the summed image–noise distance to x0."""
         return noise[lsa_permutation(pair_cost(x0, noise, self.quantize_fp16, self.squared))]
 
-    @staticmethod
-    def _randn(shape, x0, generator):
-        device = generator.device if generator is not None else x0.device
-        return torch.randn(shape, generator=generator, device=device).to(x0.device, x0.dtype)
+    @torch.no_grad()
+    def assign(self, x0, noise, part):
+        return self.pair(x0[part], super().assign(x0, noise, part))
+
+
+class GlobalAssignment(LocalAssignment):
+    """`lsa_global`: the optimal permutation over the global batch; every process solves the same
+    problem on its device and keeps its slice."""
+
+    @torch.no_grad()
+    def assign(self, x0, noise, part):
+        return self.pair(x0, noise.to(x0.device, non_blocking=True))[part]
+
+
+class NearestOfK(LocalAssignment):
+    """`knn`: k candidate noises per image of this process (from its own stream), keep the nearest."""
+
+    def __init__(self, k: int = 64, **cost):
+        if k < 1:
+            raise UserError(f"knn assignment needs k >= 1 candidate noises, got k={k}")
+        super().__init__(**cost)
+        self.k = k
+
+    def draw(self, shape, part, step_generator, process_generator):
+        images = len(range(shape[0])[part])
+        return torch.randn((images, self.k, *shape[1:]), generator=process_generator)
+
+    @torch.no_grad()
+    def assign(self, x0, noise, part):
+        candidates = noise.to(x0.device, non_blocking=True)
+        return knn_select(x0[part], candidates, self.quantize_fp16, self.squared)
+
+
+ASSIGNERS = {"none": NoiseAssignment, "lsa": LocalAssignment, "lsa_global": GlobalAssignment, "knn": NearestOfK}
+MODES = tuple(ASSIGNERS)
+
+
+def make_assigner(mode: str, **options) -> NoiseAssignment:
+    """The noise assignment a run selects by its `assignment` param (`options`: k, quantize_fp16, squared)."""
+    if mode not in ASSIGNERS:
+        raise UserError(f"assignment mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+    return ASSIGNERS[mode](**options)
 
 
 def norm_bias(noise: torch.Tensor) -> float:

@@ -20,24 +20,13 @@ their position in the full image as two extra input channels.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import torch
 
 from diffrepro.errors import UserError
-from diffrepro.methods.base import Method, register_method
+from diffrepro.methods.base import Method, StepPlan, register_method
 
 SMALLER_SIZE_SHARES = {2: 0.6, 4: 0.4}  # of 1 − real_p, by R / s
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """What one optimizer step trains on: the patch side, how many images to load (and count as
-    seen), and the pixels processed relative to a full-size step."""
-
-    patch_size: int
-    images: int
-    pixel_fraction: float
 
 
 def patch_size_probabilities(resolution: int, real_p: float, num_patch_sizes: int = 3) -> dict[int, float]:
@@ -109,17 +98,6 @@ def crop_patches(x0: torch.Tensor, patch_size: int, generator: torch.Generator |
 class EDMMethod(Method):
     """EDM on full images: one image per batch slot, no coordinate channels."""
 
-    coordinate_channels = 0
-
-    def plan_step(self, step: int, seed: int, batch_size: int, resolution: int) -> StepPlan:
-        return StepPlan(resolution, batch_size, 1.0)
-
-    def transform_batch(self, x0, generator, patch_size: int | None = None):
-        return x0, {}
-
-    def sampling_kwargs(self, batch_size: int, resolution: int, device=None) -> dict:
-        return {}
-
     def training_labels(self, labels, super_labels, generator, model):
         if labels is None or model.num_classes is None:  # unconditional (CelebA, AFHQv2)
             return None
@@ -148,9 +126,9 @@ class PatchMethod(EDMMethod):
         size = draw_patch_size(self.probabilities(resolution), seed, step)
         return StepPlan(size, batch_size * batch_multiplier(size, resolution), size / resolution)
 
-    def transform_batch(self, x0, generator, patch_size: int | None = None):
-        """Crop every image of the (already multiplied) batch to `patch_size` (None: full images)."""
-        patches, coords = crop_patches(x0, patch_size or x0.shape[-1], generator)
+    def transform_batch(self, x0, generator, plan: StepPlan):
+        """Crop every image of the (already multiplied) batch to the plan's patch size."""
+        patches, coords = crop_patches(x0, plan.patch_size, generator)
         return patches, {"coords": coords}
 
     def sampling_kwargs(self, batch_size: int, resolution: int, device=None) -> dict:

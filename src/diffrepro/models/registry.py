@@ -44,11 +44,6 @@ def _load_all() -> None:
                 raise
 
 
-def model_names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
-
-
 def build_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model; unknown names get one line listing the known ones."""
     _load_all()

@@ -9,10 +9,6 @@
   classifier-free guidance), so the generic training loop and sampler drive it like any backbone.
   The prompts are the prepared data's class names (ImageNet wnids → their synonym lines), encoded
   once with the SD folder's text encoder.
-- `load_sd_components` / `tiny_sd_components`: VAE, CLIP text encoder, tokenizer and UNet, from a
-  local folder (paper scale) or built offline at toy size with the same structure (tests).
-- `sd_training_loss`: the official step (VAE latents × 0.18215, assigned noise, t ~ U{0..999},
-  ε-prediction MSE); `generate_images`: the official sampler (PNDM, 20 steps, guidance 7.5).
 
 diffusers/transformers are imported inside functions: the registry imports every backbone module,
 and these imports cost seconds.
@@ -23,10 +19,8 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffrepro.data import shards
@@ -55,13 +49,6 @@ SD_V14_SCHEDULER_CONFIG = dict(
 )
 SD_CONTEXT_LENGTH = 77  # CLIP's token positions
 WNID = re.compile(r"n\d{8}")  # an ImageNet class named by its WordNet id (the prepared data's names)
-
-
-class SDComponents(NamedTuple):
-    vae: nn.Module
-    text_encoder: nn.Module
-    tokenizer: object
-    unet: nn.Module  # the raw diffusers UNet2DConditionModel
 
 
 class SDUNet(nn.Module):
@@ -161,7 +148,7 @@ def _required(value, key: str):
     return value
 
 
-def _checked_folder(sd_dir: str | Path, names: tuple[str, ...] = SD_SUBFOLDERS) -> dict[str, Path]:
+def _checked_folder(sd_dir: str | Path, names: tuple[str, ...]) -> dict[str, Path]:
     """The component folders of a local SD v1.4 copy, all checked before any is loaded."""
     paths = {name: Path(sd_dir) / name for name in names}
     for path in paths.values():
@@ -177,58 +164,6 @@ def _load(cls, path: Path):
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load {path} ({first_line}); re-download it from {SD_V14_REPO}") from err
-
-
-def load_sd_components(sd_dir: str | Path) -> SDComponents:
-    """VAE, text encoder, tokenizer and UNet from a local SD v1.4 folder; VAE and text encoder frozen."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    paths = _checked_folder(sd_dir)
-    components = SDComponents(
-        vae=_load(AutoencoderKL, paths["vae"]),
-        text_encoder=_load(CLIPTextModel, paths["text_encoder"]),
-        tokenizer=_load(CLIPTokenizer, paths["tokenizer"]),
-        unet=_load(UNet2DConditionModel, paths["unet"]),
-    )
-    return _freeze_encoders(components)
-
-
-def _freeze_encoders(components: SDComponents) -> SDComponents:
-    for frozen in (components.vae, components.text_encoder):
-        frozen.requires_grad_(False).eval()
-    return components
-
-
-def tiny_sd_components(seed: int = 0) -> SDComponents:
-    """SD's structure at toy size, built offline: 4-level UNet with the same block types, a 2-level
-    VAE (16 px ↔ 8×8×4 latents), a 2-layer CLIP text encoder and a real CLIPTokenizer whose
-    vocabulary is the byte-level alphabet with no merges (so it tokenizes character by character)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    context_length, width = 16, 16
-    chars = ByteLevel.alphabet()
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in [*chars, *(c + "</w>" for c in chars)]:
-        vocab.setdefault(token, len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=context_length)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**{
-            **SD_V14_UNET_CONFIG, "sample_size": 8, "block_out_channels": (8, 16, 32, 32),
-            "norm_num_groups": 4, "attention_head_dim": 2, "cross_attention_dim": width})
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=0.18215)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=context_length,
-            bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    return _freeze_encoders(SDComponents(vae, text_encoder, tokenizer, unet))
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -299,50 +234,3 @@ def prompt_table(sd_dir: str, prompts: tuple[str, ...]) -> torch.Tensor:
     if torch.cuda.is_available():
         text_encoder.cuda()
     return encode_prompts(text_encoder, tokenizer, [*prompts, ""]).cpu()
-
-
-def sd_noise_scheduler():
-    """SD v1.4's training noise schedule (DDPM: 1000 steps, scaled-linear β 0.00085 → 0.012, ε)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(SD_V14_SCHEDULER_CONFIG)
-
-
-def sd_training_loss(model: nn.Module, components: SDComponents, pixel_values: torch.Tensor,
-                     input_ids: torch.Tensor, noise_scheduler, assigner,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """The official SD training objective on one batch of images in [-1, 1] and their token ids.
-
-    The noise comes from `assigner` (a `methods.immiscible.NoiseAssigner`), drawn after encoding and
-    before the timesteps. `model` is the trained `SDUNet` (possibly wrapped by accelerate); the VAE
-    and text encoder of `components` are frozen and run without gradients.
-    """
-    vae = components.vae
-    with torch.no_grad():
-        posterior = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
-        latents = posterior.sample(generator) * vae.config.scaling_factor
-        context = components.text_encoder(input_ids.to(components.text_encoder.device))[0]
-        noise = assigner(latents, generator)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                      generator=generator, device=generator.device if generator else latents.device)
-    t = t.to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    prediction = model(noisy, t, encoder_hidden_states=context)
-    return F.mse_loss(prediction.float(), noise.float())
-
-
-@torch.no_grad()
-def generate_images(components: SDComponents, prompts: list[str], num_inference_steps: int = 20,
-                    guidance_scale: float = 7.5, height: int = 256, width: int = 256,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] from diffusers' StableDiffusionPipeline as the official
-    sampler runs it: SD v1.4's PNDM scheduler, classifier-free guidance against "", no safety checker."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=PNDMScheduler.from_config(SD_V14_SCHEDULER_CONFIG),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(prompts, height=height, width=width, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, generator=generator, output_type="pt").images
