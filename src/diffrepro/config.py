@@ -137,11 +137,10 @@ def declared_run(params: dict, run: str) -> str:
     return base if run not in runs and base in runs and seed.isdigit() else run
 
 
-def run_key(run: str, params: dict | None = None) -> str:
-    """Where a run's params are declared, for messages: `runs.<run>` (or `pretrain`)."""
-    if run == "pretrain":
-        return "pretrain"
-    return f"runs.{declared_run(params, run) if params is not None else run}"
+def run_key(run: str, params: dict) -> str:
+    """Where a run's params are declared, for messages: `runs.<run>` (or `pretrain`); a replicate's
+    are its declared run's (`finediffusion_seed1` → `runs.finediffusion`)."""
+    return "pretrain" if run == "pretrain" else f"runs.{declared_run(params, run)}"
 
 
 def training_params(params: dict, run: str) -> dict:

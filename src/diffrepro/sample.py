@@ -191,7 +191,7 @@ def sample_stage(params: dict, run: str) -> None:
         raise UserError(f"{run_dir} was trained on {config['model_kwargs']['num_classes']} classes but the "
                         f"prepared data has {num_classes}: re-run `{train_command(run)}`")
     work = checkpoints_root() / run / "samples"
-    where = run_key(run)
+    where = run_key(run, params)
     snapshots = [(snap.stem, snap, 0) for snap in sorted((run_dir / "snapshots").glob("step-*.safetensors"))]
     finals = [(final_set_name(k), None, k * len(labels)) for k in range(scfg["seed_sets"])]
     for name, snap, offset in snapshots + finals:  # snapshots first: quality vs training steps

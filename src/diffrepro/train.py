@@ -126,7 +126,7 @@ class Trainer:
         num_classes, num_super = class_counts(params["data"]["prepared_dir"], cfg["split"])
         self.model_kwargs = model_config(cfg, self.method, self.data_shape, num_classes, num_super)
         self.micro_batches = micro_batch_count(cfg["batch_size"], accelerator.num_processes, batch_per_device(),
-                                               f"{run_key(run)}.batch_size")
+                                               f"{run_key(run, params)}.batch_size")
         torch.manual_seed(self.seed)
         backbone = build_model(cfg["model"], **self.model_kwargs)
         self.diffusion = noise_process(cfg, backbone)
