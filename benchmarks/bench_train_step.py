@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffrepro.methods.immiscible import make_assigner
-from diffrepro.train import Trainer
+from diffrepro.training import Trainer
 from timing import timed
 
 RUNS = ("dit", "dimr", "finediffusion", "full_finetune", "edm", "patch", "immiscible")

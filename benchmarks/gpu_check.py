@@ -113,7 +113,7 @@ def train_throughput(precision: str, device: torch.device, model_name: str = DIT
     import torch.nn.functional as F
 
     from diffrepro.models.registry import build_model
-    from diffrepro.train import RunEma
+    from diffrepro.training import RunEma
 
     use_tf32(precision != "fp32")  # as `train` sets it (diffrepro.runs.set_matmul_precision)
     torch.manual_seed(0)

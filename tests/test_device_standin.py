@@ -37,7 +37,7 @@ def test_the_stand_in_catches_a_schedule_lookup_through_the_host(workspace, monk
 
 
 def test_the_stand_in_catches_an_ema_left_on_the_host(workspace, monkeypatch):
-    from diffrepro.train import RunEma
+    from diffrepro.training import RunEma
 
     monkeypatch.setattr(RunEma, "to", lambda self, device: self)  # the EMA never follows the network
     monkeypatch.chdir(workspace)

@@ -4,7 +4,7 @@ A stage's modules are its entry module (cli.STAGES) and everything it imports, t
 from the source: imports inside functions included, the modules registries import by name (a
 string such as "diffrepro.models.dit"), and every module of a package that imports all of its own
 (`pkgutil.iter_modules(__path__)`). The entry plumbing — cli.py, launch.py and
-the package's docstring-only __init__.py — starts a stage but computes nothing in it.
+the docstring-only __init__.py of the package and of its stages — starts a stage but computes nothing in it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from diffrepro.cli import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-PLUMBING = {"diffrepro/cli.py", "diffrepro/launch.py", "diffrepro/__init__.py"}
+PLUMBING = {"diffrepro/cli.py", "diffrepro/launch.py", "diffrepro/__init__.py", "diffrepro/stages/__init__.py"}
 
 
 def module_file(name: str) -> Path | None:
@@ -93,7 +93,7 @@ def notebook_imports(path: Path) -> set[str]:
 
 
 def stage_modules(entry: str) -> set[str]:
-    modules = closure(f"diffrepro.{STAGES[entry][0]}")
+    modules = closure(f"diffrepro.stages.{STAGES[entry][0]}")
     if entry == "figures":
         for notebook in (ROOT / "notebooks").glob("*.ipynb"):
             for name in notebook_imports(notebook):

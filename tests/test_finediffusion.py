@@ -163,7 +163,7 @@ def test_stored_delta_reassembles_the_finetuned_model_exactly(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from diffrepro.runs import load_trained
-    from diffrepro.train import _save_weights
+    from diffrepro.stages.train import _save_weights
 
     base_kwargs = dict(input_size=8, in_channels=4, num_classes=NUM_CLASSES, class_embed_init_std=1.0)
     fine_kwargs = dict(base_kwargs, num_super_classes=NUM_SUPER, affine_norms=True)

@@ -17,8 +17,8 @@ from PIL import Image
 
 from diffrepro import figures
 from diffrepro.errors import UserError
-from diffrepro.notebooks import NOTEBOOKS, figures_stage
 from diffrepro.papers import finediffusion, patch_diffusion
+from diffrepro.stages.figures import NOTEBOOKS, stage as figures_stage
 from pipeline_repo import ROOT, copy_repo
 
 PARAMETERS = {"metrics_dir": "metrics/default", "samples_dir": "samples", "logs_dir": "logs/default",

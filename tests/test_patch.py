@@ -11,8 +11,8 @@ from diffrepro.diffusion.edm import EDMDenoiser, edm_loss
 from diffrepro.errors import UserError
 from diffrepro.methods import get_method
 from diffrepro.methods.base import StepPlan
-from diffrepro.models.registry import build_model
 from diffrepro.methods.patch import batch_multiplier, coordinate_grid, crop_patches
+from diffrepro.models.registry import build_model
 
 
 @pytest.mark.parametrize("real_p", [0.5, 0.25])

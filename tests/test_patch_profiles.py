@@ -184,7 +184,7 @@ def test_patch_afhqv2wild64_prepares_only_the_wild_images(tmp_path, monkeypatch)
     """The profile's data section on the afhq_v2 layout: one class, `wild`, train and test kept apart."""
     from fixtures_real import AFHQ_COUNTS, build_afhq
 
-    from diffrepro.prepare import prepare_stage
+    from diffrepro.stages.prepare import stage as prepare_stage
 
     params = compose("patch_afhqv2wild64", conf_dir=CONF)
     build_afhq(tmp_path / "data" / "raw")

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from diffrepro import report, results
+from diffrepro import results
 from diffrepro.papers import PAPERS, dimr, finediffusion
-from diffrepro.speed import MEASURES
+from diffrepro.stages import report
+from diffrepro.stages.speed import MEASURES
 
 ROOT = Path(__file__).resolve().parents[1]
 

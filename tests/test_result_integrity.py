@@ -24,13 +24,14 @@ import torch
 import yaml
 
 from diffrepro import fingerprint
-from diffrepro.config import metrics_file, speed_file, validate
+from diffrepro.config import validate
 from diffrepro.data.shards import write_classes
 from diffrepro.data.synthetic import class_table
 from diffrepro.errors import UserError
 from diffrepro.papers import speed_pairs
+from diffrepro.paths import metrics_file, speed_file
 from diffrepro.profiles import compose
-from diffrepro.sample import RunSampler
+from diffrepro.sampling import RunSampler
 from pipeline_repo import copy_outputs, stage_in
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,7 +315,7 @@ def test_the_figures_kernels_are_shut_down_without_an_interrupt():
     as "KeyboardInterrupt caught in kernel" on a run that succeeded."""
     import asyncio
 
-    from diffrepro.notebooks import QuietShutdownKernelManager
+    from diffrepro.stages.figures import QuietShutdownKernelManager
 
     sent = []
 

@@ -25,7 +25,7 @@ from diffrepro.diffusion.gaussian import GaussianDiffusion, guided_model_fn, mak
 from diffrepro.errors import UserError
 from diffrepro.replicates import expand
 from diffrepro.runs import build_network
-from diffrepro.sample import RunSampler
+from diffrepro.sampling import RunSampler
 from pipeline_repo import stage_in
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def test_seed_sets_use_offset_indices_and_evaluate_reports_their_minimum(straigh
     from diffrepro.features import FeatureNet, feature_statistics, frechet_distance
     from diffrepro.models.autoencoder import load_autoencoder
     from diffrepro.runs import load_trained
-    from diffrepro.sample import sample_labels
+    from diffrepro.sampling import sample_labels
 
     out = straight / "samples" / "dit"
     assert sorted(p.name for p in out.iterdir()) == \

@@ -87,9 +87,9 @@ def workspace(tmp_path_factory):
     from fixtures_real import build_imagenet_tree
     from tiny_sd import tiny_sd_components
 
-    from diffrepro.latents import extract_latents_stage
-    from diffrepro.prepare import prepare_stage
-    from diffrepro.train_autoencoder import autoencoder_stage
+    from diffrepro.stages.extract_latents import stage as extract_latents_stage
+    from diffrepro.stages.prepare import stage as prepare_stage
+    from diffrepro.stages.autoencoder import stage as autoencoder_stage
 
     work = tmp_path_factory.mktemp("sd_profile")
     params = compose("immiscible_sd_finetune", conf_dir=CONF)
@@ -119,7 +119,7 @@ def workspace(tmp_path_factory):
 def _trainer(workspace, run):
     from accelerate import Accelerator
 
-    from diffrepro.train import Trainer
+    from diffrepro.training import Trainer
 
     work, params, _ = workspace
     with contextlib.chdir(work):
@@ -190,8 +190,8 @@ def test_trained_arms_sample_with_pndm_as_the_stable_diffusion_pipeline_does(wor
     from diffrepro.models.autoencoder import load_autoencoder
     from diffrepro.models.sd_unet import SD_V14_SCHEDULER_CONFIG, imagenet_prompts
     from diffrepro.runs import load_trained
-    from diffrepro.sample import RunSampler
-    from diffrepro.train import train_stage
+    from diffrepro.sampling import RunSampler
+    from diffrepro.stages.train import stage as train_stage
 
     work, params, tiny = workspace
     with contextlib.chdir(work):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from diffrepro.data import synthetic
-from diffrepro.prepare import prepare_synthetic
 from diffrepro.data import shards
+from diffrepro.stages.prepare import prepare_synthetic
 
 CFG = {"num_super": 8, "base_per_family": 2, "images_per_class": 3, "heldout_per_class": 2,
        "base_images_per_class": 2, "small_subset_per_class": 1}

@@ -156,8 +156,9 @@ def test_speed_pairs_are_timed_interleaved_and_their_ratios_agree_with_each_othe
     """One speed pair on the smoke data: every round yields the three ratios, and they obey the
     identities that link them (same batch: per image = per step; to the budget = per step × the
     runs' step counts)."""
-    from diffrepro import fingerprint, speed
-    from diffrepro.config import speed_file
+    from diffrepro import fingerprint
+    from diffrepro.stages import speed
+    from diffrepro.paths import speed_file
     from diffrepro.papers import speed_pairs
 
     params = yaml.safe_load((workspace / "params.yaml").read_text())

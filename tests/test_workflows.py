@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from diffrepro.notebooks import NOTEBOOKS
+from diffrepro.stages.figures import NOTEBOOKS
 from pipeline_repo import ROOT, copy_outputs, env, make_repo, run
 
 WORKFLOWS = ROOT / ".github" / "workflows"

@@ -19,12 +19,6 @@ from diffrepro.errors import UserError
 from diffrepro.inputs import read_npz
 
 
-def default_path(run: str) -> Path:
-    """`checkpoints/<run>_adm_samples.npz`: git-ignored and outside every DVC output and dependency,
-    so a 10 GB export neither shows in `git status` nor re-triggers `dvc repro`."""
-    return Path("checkpoints") / f"{run}_adm_samples.npz"
-
-
 def read_samples(samples_npz: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of a sample stage's npz, checked to be uint8 (N, H, W, 3) with N labels."""
     samples_npz = Path(samples_npz)

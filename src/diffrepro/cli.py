@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 from diffrepro.errors import OUT_OF_ROOM, DiskFullError, TrainingPaused, UserError
-from diffrepro.paths import PAUSED_EXIT_CODE
-
-STAGE_RECORDS = Path("logs/stages")
+from diffrepro.execution import PAUSED_EXIT_CODE
+from diffrepro.paths import STAGE_RECORDS
 
 
 @contextlib.contextmanager
@@ -57,7 +56,7 @@ def _own_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _stage(command: str, module: str, function: str, with_run: bool = False):
+def _stage(command: str, module: str, with_run: bool = False):
     def run(args):
         import importlib
 
@@ -70,7 +69,7 @@ def _stage(command: str, module: str, function: str, with_run: bool = False):
         params = load_params(args.params)
         with stage_record(name, STAGE_RECORDS / params["profile"]):
             preflight(params)
-            fn = getattr(importlib.import_module(f"diffrepro.{module}"), function)
+            fn = importlib.import_module(f"diffrepro.stages.{module}").stage
             if target:
                 fn(params, target)
             else:
@@ -79,18 +78,18 @@ def _stage(command: str, module: str, function: str, with_run: bool = False):
     return run
 
 
-STAGES = {
-    "download": ("prepare", "download_stage", False, "fetch or generate the raw data set"),
-    "prepare": ("prepare", "prepare_stage", False, "decode, crop and shard the data set"),
-    "autoencoder": ("train_autoencoder", "autoencoder_stage", False, "train the tiny VAE / adopt the SD VAE"),
-    "extract-latents": ("latents", "extract_latents_stage", False, "encode image + flip moments"),
-    "features": ("features", "features_stage", False, "FID network and reference statistics"),
-    "train": ("train", "train_stage", True, "train one run"),
-    "sample": ("sample", "sample_stage", True, "sample one run"),
-    "evaluate": ("evaluate", "evaluate_stage", True, "score one run's samples"),
-    "speed": ("speed", "speed_stage", False, "the speed claims, method and baseline interleaved"),
-    "figures": ("notebooks", "figures_stage", False, "execute the notebooks (or one): a PNG each in REPORT_DIR/plots"),
-    "report": ("report", "report_stage", False, "write REPORT_DIR/results.md and results.csv"),
+STAGES = {  # command: (module of diffrepro.stages whose `stage` it runs, takes a run name, help)
+    "download": ("download", False, "fetch or generate the raw data set"),
+    "prepare": ("prepare", False, "decode, crop and shard the data set"),
+    "autoencoder": ("autoencoder", False, "train the tiny VAE / adopt the SD VAE"),
+    "extract-latents": ("extract_latents", False, "encode image + flip moments"),
+    "features": ("features", False, "FID network and reference statistics"),
+    "train": ("train", True, "train one run"),
+    "sample": ("sample", True, "sample one run"),
+    "evaluate": ("evaluate", True, "score one run's samples"),
+    "speed": ("speed", False, "the speed claims, method and baseline interleaved"),
+    "figures": ("figures", False, "execute the notebooks (or one): a PNG each in REPORT_DIR/plots"),
+    "report": ("report", False, "write REPORT_DIR/results.md and results.csv"),
 }
 
 
@@ -112,23 +111,24 @@ def _params(args) -> None:
 def _adm_npz(args) -> None:
     from pathlib import Path
 
-    from diffrepro.adm_npz import default_path, write_adm_npz
+    from diffrepro.adm_npz import write_adm_npz
+    from diffrepro.paths import adm_samples_npz, samples_dir
 
-    out = Path(args.out) if args.out else default_path(args.run)
-    print(write_adm_npz(Path("samples") / args.run / "final.npz", out))
+    out = Path(args.out) if args.out else adm_samples_npz(args.run)
+    print(write_adm_npz(samples_dir(args.run) / "final.npz", out))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m diffrepro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, function, with_run, help_text) in STAGES.items():
+    for name, (module, with_run, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text)
         if with_run:
             p.add_argument("run", help="a run name from params.yaml `runs`")
         if name == "figures":
             p.add_argument("notebook", nargs="?", help="one notebook of notebooks/, no .ipynb (default: every one)")
         p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
-        p.set_defaults(func=_stage(name, module, function, with_run))
+        p.set_defaults(func=_stage(name, module, with_run))
     info = sub.add_parser("info", help="params, trainable params and GMACs of a model")
     info.add_argument("model", help="registry name, e.g. DiT-XL/2, DiMR-XL/2R, ddpmpp, sd-v1.4-unet")
     info.add_argument("--method", default=None, help="method whose parameter selection applies")

@@ -14,12 +14,11 @@ import yaml
 
 from diffrepro.data.synthetic import HUES_PER_FAMILY, SHAPE_FAMILIES
 from diffrepro.errors import UserError
+from diffrepro.paths import DEFAULT_REPORT_DIR
 from diffrepro.replicates import expand
 from diffrepro.schema import EDM_SAMPLERS, GAUSSIAN_SAMPLERS, errors
 
 PARAMS_FILE = "params.yaml"
-
-DEFAULT_REPORT_DIR = Path("reports")  # the default profile's; every other profile reports elsewhere
 
 
 def _check_run(cfg: dict, where: str, source: str) -> None:
@@ -104,25 +103,6 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict:
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     return validate(params or {}, str(path))
-
-
-def metrics_dir(params: dict) -> Path:
-    """Where `evaluate@RUN` writes the profile's metrics: one folder per profile, so they never mix."""
-    return Path("metrics") / params["profile"]
-
-
-def metrics_file(params: dict, run: str) -> Path:
-    return metrics_dir(params) / f"{run}.json"
-
-
-def speed_file(params: dict) -> Path:
-    """Where the `speed` stage writes the profile's interleaved measurements."""
-    return metrics_dir(params) / "speed.json"
-
-
-def logs_dir(params: dict) -> Path:
-    """The profile's dvclive logs (`<run>/`) and stage records (`stages/`), apart from other profiles'."""
-    return Path("logs") / params["profile"]
 
 
 def run_names(params: dict) -> list[str]:

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import yaml
 
+from diffrepro.paths import AUTOENCODER
+
 HOST_BY_DESIGN = {
     "the global batch": "drawn on the host from the (seed, step) stream, one step ahead in a thread, "
                         "then copied: the same bytes on any device and process count",
@@ -70,11 +72,12 @@ def random_fid_inception_state() -> dict:
 def smoke_workspace(root: Path) -> dict:
     """The smoke profile's data, autoencoder and latents under `root` (the stages themselves, in
     this process); returns its params."""
-    from diffrepro.features import features_stage
-    from diffrepro.latents import extract_latents_stage
-    from diffrepro.prepare import download_stage, prepare_stage
+    from diffrepro.stages.features import stage as features_stage
+    from diffrepro.stages.extract_latents import stage as extract_latents_stage
+    from diffrepro.stages.download import stage as download_stage
+    from diffrepro.stages.prepare import stage as prepare_stage
     from diffrepro.profiles import compose
-    from diffrepro.train_autoencoder import autoencoder_stage
+    from diffrepro.stages.autoencoder import stage as autoencoder_stage
 
     params = compose("smoke", conf_dir=Path(__file__).resolve().parents[2] / "conf")
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -132,7 +135,7 @@ def run_params(params: dict, method: str, assignment: str = "none") -> dict:
 
 
 def check_training_step(params: dict, method: str, assignment: str = "none") -> str:
-    from diffrepro.train import Trainer
+    from diffrepro.training import Trainer
 
     with standin_accelerator() as accelerator, \
             mock.patch("diffrepro.methods.immiscible.lsa_permutation", _device_identity_permutation):
@@ -153,7 +156,7 @@ def check_sampling_chunk(params: dict, method: str, sampler: str) -> str:
     from diffrepro.methods import get_method
     from diffrepro.models.autoencoder import load_autoencoder
     from diffrepro.runs import build_network, model_config
-    from diffrepro.sample import RunSampler
+    from diffrepro.sampling import RunSampler
 
     run = run_params(params, method)["runs"]["standin"]
     run["sampler"] = sampler
@@ -164,7 +167,7 @@ def check_sampling_chunk(params: dict, method: str, sampler: str) -> str:
     kwargs = model_config(run, method_obj, shape, 4, 2)
     model = build_network(run["model"], kwargs, run["diffusion"]).eval()
     config = {**run, "model_kwargs": kwargs}
-    vae = load_autoencoder("models/autoencoder") if run["space"] == "latent" else None
+    vae = load_autoencoder(AUTOENCODER) if run["space"] == "latent" else None
     chunk = RunSampler(model, config, run, 0, vae, STANDIN, where="runs.standin")
     labels, supers = np.array([0, 1, 2, 3]), np.array([0, 0, 1, 1])
     images = chunk.on_device(labels, supers, np.arange(4))
@@ -179,7 +182,7 @@ def check_latent_batch(params: dict) -> str:
     from diffrepro.models.autoencoder import load_autoencoder
 
     images = shards.ShardedSplit(Path(params["data"]["prepared_dir"]) / "train").take(np.arange(4))["images"]
-    moments = encode_moments(load_autoencoder("models/autoencoder").to(STANDIN), images, 2)
+    moments = encode_moments(load_autoencoder(AUTOENCODER).to(STANDIN), images, 2)
     if moments.device != STANDIN:
         raise AssertionError(f"moments on {moments.device}")
     return f"moments {tuple(moments.shape)}"

@@ -1,4 +1,4 @@
-"""`features` stage: the FID network and the real data's reference statistics.
+"""The FID networks (judge CNN, Inception) and their statistics, for the `features` stage.
 
 Default scale: train the judge CNN on the real training images, report its held-out accuracy
 (must be ≥ 95 % fine-class to be a trustworthy judge) and its accuracy on the autoencoder's
@@ -9,27 +9,22 @@ split once, so every run's FID reuses them.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_fid.fid_score import calculate_frechet_distance
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from diffrepro.atomic import atomic_path
 from diffrepro.data import shards
 from diffrepro.errors import UserError
 from diffrepro.inputs import read_json, read_safetensors
-from diffrepro.models.autoencoder import load_autoencoder, to_uint8, to_unit_range
+from diffrepro.models.autoencoder import to_uint8, to_unit_range
 from diffrepro.models.judge import Judge
+from diffrepro.paths import FEATURES
 
-OUT_DIR = Path("models/features")
 INCEPTION_HELP = ("download pt_inception-2015-12-05-6726825d.pth from "
                   "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/ "
                   "(sha256 UNKNOWN: not published) and set features.inception_weights to its path")
@@ -81,8 +76,8 @@ class FeatureNet:
         cfg = params["features"]
         if cfg["kind"] == "inception":
             return cls("inception", inception=load_inception(cfg["inception_weights"]), device=device)
-        judge = Judge(**read_json(OUT_DIR / "judge_config.json", "dvc repro features"))
-        judge.load_state_dict(read_safetensors(OUT_DIR / "judge.safetensors", "dvc repro features"))
+        judge = Judge(**read_json(FEATURES / "judge_config.json", "dvc repro features"))
+        judge.load_state_dict(read_safetensors(FEATURES / "judge.safetensors", "dvc repro features"))
         return cls("judge", judge=judge.eval(), device=device)
 
     @torch.no_grad()
@@ -164,60 +159,3 @@ def reconstruct(vae, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         x = to_unit_range(images[i:i + batch_size]).to(device)
         out.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample))
     return np.concatenate(out)
-
-
-def heldout_metrics(net: FeatureNet, params: dict, reference) -> dict:
-    """FID of real held-out images against the reference; for the judge, its accuracy on them and
-    on their autoencoder reconstructions (the ceiling any latent model can reach)."""
-    prepared = Path(params["data"]["prepared_dir"])
-    heldout = heldout_sample(prepared / params["data"]["heldout_split"], params["seed"])
-    held = net(heldout["images"])
-    metrics = {"fid_heldout_vs_train": frechet_distance(feature_statistics(held["features"]), reference),
-               "heldout_images_scored": int(len(heldout["labels"]))}
-    if net.kind == "judge":
-        metrics["heldout_fine_accuracy"] = float((held["fine_pred"] == heldout["labels"]).mean())
-        metrics["heldout_super_accuracy"] = float((held["super_pred"] == heldout["super_labels"]).mean())
-        if (Path("models/autoencoder") / "config.json").exists():
-            vae = load_autoencoder("models/autoencoder").to(net.device)
-            recon = net(reconstruct(vae, heldout["images"]))
-            metrics["reconstruction_fine_accuracy"] = float((recon["fine_pred"] == heldout["labels"]).mean())
-            metrics["reconstruction_super_accuracy"] = float((recon["super_pred"] == heldout["super_labels"]).mean())
-    return metrics
-
-
-def features_stage(params: dict) -> None:
-    """Every process computes the statistics of its share of the training split on its device;
-    the main process adds them up, scores the held-out split and writes."""
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    cfg, prepared = params["features"], Path(params["data"]["prepared_dir"])
-    classes = shards.read_classes(prepared)
-    metrics: dict = {"kind": cfg["kind"]}
-    with atomic_path(OUT_DIR, is_dir=True) if main else contextlib.nullcontext() as tmp:
-        if cfg["kind"] == "judge":  # tiny and seeded: every process trains the same judge
-            start = time.perf_counter()
-            train = shards.read_split(prepared / "train")
-            judge = train_judge(train["images"], train["labels"], train["super_labels"],
-                                len(classes["classes"]), len(classes["super_classes"]), cfg, params["seed"])
-            metrics["train_seconds"] = round(time.perf_counter() - start, 1)
-            if main:
-                save_file(judge.state_dict(), tmp / "judge.safetensors")
-                (tmp / "judge_config.json").write_text(json.dumps(judge.config))
-            net = FeatureNet("judge", judge=judge, device=accelerator.device)
-        elif cfg["kind"] == "inception":
-            net = FeatureNet("inception", inception=load_inception(cfg["inception_weights"]), device=accelerator.device)
-        else:
-            raise UserError(f"params.yaml: features.kind must be judge or inception, got {cfg['kind']!r}")
-        reference = split_statistics(net, prepared / "train", accelerator=accelerator)
-        if main:
-            np.savez(tmp / "reference_stats.npz", mu=reference[0], sigma=reference[1])
-            metrics.update(heldout_metrics(net, params, reference))
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    accelerator.end_training()
-    if not main:
-        return
-    if metrics.get("heldout_fine_accuracy", 1.0) < 0.95:
-        print(f"warning: the judge reaches only {metrics['heldout_fine_accuracy']:.1%} fine-class accuracy "
-              "on held-out images (target ≥ 95 %); raise features.steps")

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from diffrepro.config import training_params
+from diffrepro.paths import MODELS
 
 DATA_SECTIONS = ("data", "autoencoder", "latents")  # what a run trains on
 METRICS_SECTIONS = ("data", "features", "sample", "evaluate")  # the params of dvc.yaml's evaluate stage
@@ -37,7 +38,7 @@ def lineage(params: dict, run: str) -> dict[str, dict]:
     while run not in sections:
         sections[run] = cfg = training_params(params, run)
         base = Path(cfg["init_from"])
-        if base.parent != Path("models") or (base.name != "pretrain" and base.name not in params.get("train_runs", {})):
+        if base.parent != MODELS or (base.name != "pretrain" and base.name not in params.get("train_runs", {})):
             break
         run = base.name
     return sections

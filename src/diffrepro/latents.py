@@ -1,4 +1,4 @@
-"""`extract_latents` stage and the latent training set (the fast-DiT / U-ViT protocol).
+"""What the `extract_latents` stage stores, and the latent training set (fast-DiT / U-ViT protocol).
 
 Each image is encoded once; we store the posterior moments (mean, log-variance) of the image
 and of its horizontal flip. Training draws a fresh latent from them every step — a random flip
@@ -8,17 +8,13 @@ and a fresh posterior sample — so pre-extraction loses neither augmentation no
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from diffrepro.atomic import atomic_path
 from diffrepro.data import shards
-from diffrepro.models.autoencoder import load_autoencoder, to_unit_range
-
-OUT_DIR = Path("data/latents")
+from diffrepro.models.autoencoder import to_unit_range
 
 
 @torch.no_grad()
@@ -50,32 +46,6 @@ def encode_shared(vae, images_uint8: np.ndarray, batch_size: int, accelerator, m
     padded = torch.cat([mine, mine.new_zeros((longest - len(mine), *moment_shape))])
     gathered = accelerator.gather(padded).view(n, longest, *moment_shape)
     return torch.cat([gathered[i, :bounds[i + 1] - bounds[i]] for i in range(n)]).cpu().numpy()
-
-
-def extract_latents_stage(params: dict) -> None:
-    """Every split of the prepared data (whatever the data set calls them) gets its latents; every
-    process encodes its share of each chunk on its device, the main process writes."""
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    prepared = Path(params["data"]["prepared_dir"])
-    splits = sorted(p.name for p in prepared.iterdir() if (p / "index.json").exists())
-    vae = load_autoencoder("models/autoencoder").to(accelerator.device)
-    batch_size = params["latents"]["batch_size"]
-    with atomic_path(OUT_DIR, is_dir=True) if main else contextlib.nullcontext() as tmp:
-        for split in splits:
-            source = shards.ShardedSplit(prepared / split)
-            moment_shape = tuple(encode_moments(vae, source.take(np.arange(1))["images"], 1).shape[1:])
-            with shards.ShardWriter(tmp / split) if main else contextlib.nullcontext() as writer:
-                if writer is not None:
-                    writer.set_meta(scaling_factor=vae.config.scaling_factor)
-                for start in range(0, len(source), 4096):
-                    part = source.take(np.arange(start, min(start + 4096, len(source))))
-                    moments = encode_shared(vae, part["images"], batch_size, accelerator, moment_shape)
-                    if writer is not None:
-                        writer.add_batch(moments=moments, labels=part["labels"], super_labels=part["super_labels"])
-    accelerator.end_training()
 
 
 class LatentSet:

@@ -10,7 +10,7 @@ in this order:
 3. every visible CUDA GPU; one process on a CPU-only machine.
 One process runs the stage in this interpreter (no second start-up); more go through
 `accelerate launch`. A training process that spent its `DIFFREPRO_TRAIN_SECONDS` budget exits
-with status 75 through the launcher too (see `diffrepro.paths`).
+with status 75 through the launcher too (see `diffrepro.execution`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from diffrepro.errors import UserError
-from diffrepro.paths import PAUSED_EXIT_CODE, num_processes, pause_marker
+from diffrepro.execution import PAUSED_EXIT_CODE, num_processes
+from diffrepro.paths import pause_marker
 
 
 def accelerate_config_file() -> Path | None:

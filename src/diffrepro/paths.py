@@ -1,17 +1,10 @@
-"""Where resumable work lives, and the execution settings that are never tracked params.
+"""Where every stage reads and writes: the repository layout dvc.yaml declares, in one module.
 
-Process count, per-device micro-batch, compilation and wall-time budgets change how a stage runs,
-never what it computes, so they come from the environment: a stage's DVC hash is the same on a
-laptop, one GPU or 64.
-
-- `DIFFREPRO_CHECKPOINTS` (default `checkpoints`): training checkpoints and sample chunks. A
-  self-hosted runner points it outside the checkout so that a clean checkout never loses them.
-- `DIFFREPRO_BATCH_PER_DEVICE`: the largest batch one device holds at once; a process's share of
-  the global batch is split into equal micro-batches and their gradients accumulated (EDM2's
-  `--batch-gpu`). Unset: the whole share at once.
-- `DIFFREPRO_TRAIN_SECONDS`: a wall-time budget for one training process; when it is spent the
-  stage checkpoints and exits with status 75, and the next `dvc repro` resumes exactly.
-- `DIFFREPRO_COMPILE=1`: `torch.compile` the network (accelerate's inductor backend).
+All paths are relative to the repository root (DVC runs every stage there). Per-profile folders
+(`metrics/<profile>/`, `logs/<profile>/`) keep the results of different profiles apart.
+`DIFFREPRO_CHECKPOINTS` (default `checkpoints`) holds resumable work — training checkpoints and
+sample chunks — outside DVC's outputs; a self-hosted runner points it outside the checkout so
+that a clean checkout never loses them.
 """
 
 from __future__ import annotations
@@ -19,9 +12,48 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from diffrepro.errors import UserError
+CONF_DIR = Path("conf")
+NOTEBOOK_DIR = Path("notebooks")
+MODELS = Path("models")
+AUTOENCODER = MODELS / "autoencoder"
+FEATURES = MODELS / "features"
+LATENTS = Path("data/latents")
+SAMPLES = Path("samples")
+DEFAULT_REPORT_DIR = Path("reports")  # the default profile's; every other profile reports elsewhere
+STAGE_RECORDS = Path("logs/stages")
 
-PAUSED_EXIT_CODE = 75  # EX_TEMPFAIL: the work is not done, run the same command again
+
+def model_dir(run: str) -> Path:
+    """A finished run's weights, config and training metrics (`train@RUN`'s output)."""
+    return MODELS / run
+
+
+def samples_dir(run: str) -> Path:
+    return SAMPLES / run
+
+
+def final_set_name(k: int) -> str:
+    """Set 0 is `final` (what every single-set result means); set k > 0 is `final-set{k}`."""
+    return "final" if k == 0 else f"final-set{k}"
+
+
+def metrics_dir(params: dict) -> Path:
+    """Where `evaluate@RUN` writes the profile's metrics: one folder per profile, so they never mix."""
+    return Path("metrics") / params["profile"]
+
+
+def metrics_file(params: dict, run: str) -> Path:
+    return metrics_dir(params) / f"{run}.json"
+
+
+def speed_file(params: dict) -> Path:
+    """Where the `speed` stage writes the profile's interleaved measurements."""
+    return metrics_dir(params) / "speed.json"
+
+
+def logs_dir(params: dict) -> Path:
+    """The profile's dvclive logs (`<run>/`), apart from other profiles'."""
+    return Path("logs") / params["profile"]
 
 
 def checkpoints_root() -> Path:
@@ -33,31 +65,7 @@ def pause_marker(run: str) -> Path:
     return checkpoints_root() / run / "paused"
 
 
-def _positive_env(name: str, kind=int):
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return None
-    try:
-        number = kind(value)
-    except ValueError:
-        number = None
-    if number is None or number <= 0:
-        raise UserError(f"environment: {name}={value!r} must be a positive {kind.__name__}")
-    return number
-
-
-def num_processes() -> int | None:
-    """`DIFFREPRO_NUM_PROCESSES`, if set (the launcher's first choice)."""
-    return _positive_env("DIFFREPRO_NUM_PROCESSES")
-
-
-def batch_per_device() -> int | None:
-    return _positive_env("DIFFREPRO_BATCH_PER_DEVICE")
-
-
-def train_seconds_budget() -> float | None:
-    return _positive_env("DIFFREPRO_TRAIN_SECONDS", float)
-
-
-def compile_requested() -> bool:
-    return os.environ.get("DIFFREPRO_COMPILE", "") not in ("", "0")
+def adm_samples_npz(run: str) -> Path:
+    """`checkpoints/<run>_adm_samples.npz`: git-ignored and outside every DVC output and dependency,
+    so a 10 GB export neither shows in `git status` nor re-triggers `dvc repro`."""
+    return Path("checkpoints") / f"{run}_adm_samples.npz"

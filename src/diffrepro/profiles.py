@@ -14,9 +14,9 @@ import yaml
 from diffrepro.atomic import atomic_path
 from diffrepro.config import validate
 from diffrepro.errors import UserError
+from diffrepro.paths import CONF_DIR
 from diffrepro.replicates import register
 
-CONF_DIR = Path("conf")
 
 
 def profile_names(conf_dir: Path = CONF_DIR) -> list[str]:

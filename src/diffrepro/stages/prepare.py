@@ -1,13 +1,11 @@
-"""`download` and `prepare` stages: raw data in, compact shards + classes.json out.
+"""`prepare` stage: raw data in, compact shards + classes.json out.
 
-The embedded default (`data.dataset: synthetic`) has nothing to download: its `download` step
-records the generator's settings, and `prepare` renders the images. Real data sets go through
-`data/download.py` (fetch + verify) and `data/real.py` (decode, crop, shard).
+The embedded default (`data.dataset: synthetic`) is rendered here from the generator's settings
+that `download` recorded. Real data sets go through `data/real.py` (decode, crop, shard).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +17,7 @@ from diffrepro.errors import UserError
 SYNTHETIC_SPLITS = ("train", "heldout", "train_small", "base")
 
 
-def download_stage(params: dict) -> None:
-    data = params["data"]
-    raw_dir = Path(data["raw_dir"])
-    if data["dataset"] == "synthetic":
-        with atomic_path(raw_dir, is_dir=True) as tmp:
-            manifest = {"dataset": "synthetic", "source": "generated locally by "
-                        "src/diffrepro/data/synthetic.py; nothing is downloaded",
-                        "seed": params["seed"], **data["synthetic"]}
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        return
-    from diffrepro.data import download
-
-    download.download_dataset(data["dataset"], raw_dir)
-
-
-def prepare_stage(params: dict) -> None:
+def stage(params: dict) -> None:
     data = params["data"]
     out_dir = Path(data["prepared_dir"])
     if data["dataset"] != "synthetic":

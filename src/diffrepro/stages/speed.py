@@ -22,8 +22,9 @@ import torch
 
 from diffrepro import fingerprint
 from diffrepro.atomic import atomic_path
-from diffrepro.config import run_params, speed_file
+from diffrepro.config import run_params
 from diffrepro.papers import speed_pairs
+from diffrepro.paths import speed_file
 
 MEASURES = ("per_step", "per_image", "to_budget")
 
@@ -44,7 +45,7 @@ def summary(ratios: list[float]) -> dict:
 
 def measure_pair(params: dict, method: str, baseline: str, accelerator) -> dict:
     """Interleaved rounds of `method` and `baseline` (which goes first alternates)."""
-    from diffrepro.train import Trainer
+    from diffrepro.training import Trainer
 
     cfg = params["speed"]
     trainers = {run: Trainer(params, run, accelerator) for run in (method, baseline)}
@@ -64,7 +65,7 @@ def measure_pair(params: dict, method: str, baseline: str, accelerator) -> dict:
     return {"method": method, "baseline": baseline, **{m: summary(v) for m, v in ratios.items()}}
 
 
-def speed_stage(params: dict) -> None:
+def stage(params: dict) -> None:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

@@ -15,11 +15,10 @@ from pathlib import Path
 
 from jupyter_client.manager import AsyncKernelManager
 
-from diffrepro.config import logs_dir, metrics_dir
 from diffrepro.errors import UserError
 from diffrepro.papers import FRONT_PAGE_FIGURES, PAPERS
+from diffrepro.paths import NOTEBOOK_DIR, logs_dir, metrics_dir
 
-NOTEBOOK_DIR = Path("notebooks")
 NOTEBOOKS = tuple(dict.fromkeys(f.notebook for f in FRONT_PAGE_FIGURES
                                 + tuple(f for paper in PAPERS for f in paper.figures)))
 
@@ -32,7 +31,7 @@ class QuietShutdownKernelManager(AsyncKernelManager):
             await super()._async_interrupt_kernel()
 
 
-def figures_stage(params: dict, notebook: str | None = None) -> None:
+def stage(params: dict, notebook: str | None = None) -> None:
     """Execute `notebook` (a name in NOTEBOOKS), or every one when None."""
     import papermill
 

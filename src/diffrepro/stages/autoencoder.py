@@ -21,19 +21,19 @@ from diffrepro.data import shards
 from diffrepro.errors import UserError
 from diffrepro.models.autoencoder import (SD_VAE_HELP, kl_autoencoder_loss, latent_std, load_autoencoder,
                                           tiny_autoencoder, to_unit_range)
+from diffrepro.paths import AUTOENCODER
 
-OUT_DIR = Path("models/autoencoder")
 SD_SCALING_FACTOR = 0.18215
 
 
-def autoencoder_stage(params: dict) -> None:
+def stage(params: dict) -> None:
     cfg, data = params["autoencoder"], params["data"]
     if cfg["kind"] == "sd_vae":
         vae = load_autoencoder(cfg["path"], SD_VAE_HELP)
         if abs(vae.config.scaling_factor - SD_SCALING_FACTOR) > 1e-6:
             raise UserError(f"{cfg['path']}/config.json: scaling_factor is {vae.config.scaling_factor}, "
                             f"expected the SD VAE's {SD_SCALING_FACTOR}")
-        with atomic_path(OUT_DIR, is_dir=True) as tmp:
+        with atomic_path(AUTOENCODER, is_dir=True) as tmp:
             shutil.copytree(cfg["path"], tmp, dirs_exist_ok=True)
         return
     if cfg["kind"] != "tiny":
@@ -47,7 +47,7 @@ def autoencoder_stage(params: dict) -> None:
     metrics = {"heldout_mse": mse.item(), "heldout_psnr_db": 10 * math.log10(4.0 / mse.item()),
                "train_seconds": round(seconds, 1), "scaling_factor": vae.config.scaling_factor,
                "latent_shape": list(vae.encode(heldout[:1]).latent_dist.mean.shape[1:])}
-    with atomic_path(OUT_DIR, is_dir=True) as tmp:
+    with atomic_path(AUTOENCODER, is_dir=True) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
 

@@ -25,12 +25,13 @@ import pandas as pd
 
 from diffrepro import fingerprint
 from diffrepro.atomic import atomic_path
-from diffrepro.config import PARAMS_FILE, metrics_dir, metrics_file, run_names, speed_file
+from diffrepro.config import PARAMS_FILE, run_names
 from diffrepro.data.shards import read_classes
 from diffrepro.errors import UserError
 from diffrepro.inputs import read_json
 from diffrepro.papers import FRONT_PAGE_FIGURES, PAPERS, speed_pairs
 from diffrepro.papers.base import Claim, Paper, SpeedClaim
+from diffrepro.paths import AUTOENCODER, FEATURES, metrics_dir, metrics_file, samples_dir, speed_file
 from diffrepro.results import REPLICATE, fmt, fmt_ratio, missing, replicates
 
 TITLES = {"fid": "FID", "fid_min": "FID min of 3", "fine_accuracy": "fine acc", "super_accuracy": "super acc",
@@ -193,7 +194,7 @@ def claims_table(metrics: dict[str, dict], paper: Paper, speed: dict | None = No
 
 def foundation_section(prepared_dir: str) -> str:
     parts = ["## Shared stages", ""]
-    ae, feats = Path("models/autoencoder/metrics.json"), Path("models/features/metrics.json")
+    ae, feats = AUTOENCODER / "metrics.json", FEATURES / "metrics.json"
     if ae.exists():
         a = read_json(ae, "dvc repro autoencoder")
         parts.append(f"- Autoencoder: held-out reconstruction MSE {a['heldout_mse']:.4f} "
@@ -239,7 +240,7 @@ def profile_speed(params: dict) -> dict:
     return speed
 
 
-def report_stage(params: dict) -> None:
+def stage(params: dict) -> None:
     metrics, speed = profile_metrics(params), profile_speed(params)
     profile, out = params["profile"], Path(params["report"]["dir"])
     frame = results_frame(metrics, profile, speed)
@@ -273,7 +274,7 @@ def report_stage(params: dict) -> None:
             if paper.section and (section := paper.section(metrics, speed)):
                 lines += [section, ""]
             for run in rows:
-                grid = Path("samples") / run / "grid.png"
+                grid = samples_dir(run) / "grid.png"
                 if run in metrics and grid.exists():
                     shutil.copy(grid, figures / f"samples-{run}.png")
                     lines.append(f"![{run}](figures/samples-{run}.png)")
