@@ -35,7 +35,8 @@ case "$command" in
     dvc repro "$@"
     ;;
   test)
-    python -m pytest -q tests "$@"
+    # One pytest-xdist worker per core (DIFFREPRO_TEST_WORKERS to change; 0 runs in this process).
+    python -m pytest -q -n "${DIFFREPRO_TEST_WORKERS:-$(nproc)}" tests "$@"
     ;;
   *)
     echo "usage: bash run.sh repro|test [extra args]" >&2

@@ -1,14 +1,25 @@
-"""Shared test settings: a quiet, deterministic, single-threaded-per-test CPU environment, and the
-one smoke pipeline the whole session shares."""
+"""Shared test settings: a quiet, deterministic, single-threaded CPU environment, and the one smoke
+pipeline the whole test run shares.
+
+`bash run.sh test` runs the suite on two pytest-xdist workers (one per core). Every process —
+workers and the stages they start — uses one intra-op thread: two processes with two OpenMP
+threads each on two cores run toy-size work many times slower, and toy layers gain nothing from
+a second thread anyway.
+"""
 
 import os
+import shutil
 from pathlib import Path
 
-import pytest
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, here and in every stage started
 
-from pipeline_repo import make_repo, run
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
+from pipeline_repo import make_repo, run  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("DIFFREPRO_ALLOW_CPU", "1")  # tiny copies of the paper profiles run on the CPU
@@ -30,10 +41,19 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def smoke_repo(tmp_path_factory) -> Path:
+def smoke_repo(tmp_path_factory, worker_id) -> Path:
     """A git + DVC copy of this repository in which `dvc exp run -S profile=smoke` ran every stage:
-    outputs, dvc.lock, run cache. Built once per session (the suite's one run of the data and
-    autoencoder stages); read it only: a test that changes it works on `copy_repo` or `copy_outputs`."""
-    repo = make_repo(tmp_path_factory.mktemp("smoke") / "repo")
-    run(repo, "dvc", "exp", "run", "-S", "profile=smoke")
+    outputs, dvc.lock, run cache. Built once per test run, by whichever xdist worker asks first
+    while the others wait on a file lock (the suite's one run of the data and autoencoder stages);
+    read it only: a test that changes it, or runs DVC in it, works on `copy_repo` or `copy_outputs`."""
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        shared = shared.parent  # the run's base folder, above every worker's own
+    repo, done = shared / "smoke" / "repo", shared / "smoke" / "built"
+    with FileLock(str(shared / "smoke.lock")):
+        if not done.exists():
+            shutil.rmtree(repo, ignore_errors=True)  # a build that failed half-way starts over
+            make_repo(repo)
+            run(repo, "dvc", "exp", "run", "-S", "profile=smoke")
+            done.touch()
     return repo

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from diffrepro.adm_npz import evaluator_order
 from diffrepro.methods import get_method
 from diffrepro.models.info import model_info
 from diffrepro.profiles import compose
@@ -100,6 +101,8 @@ def workspace(tmp_path_factory) -> Path:
     vae.save_pretrained(work / "models" / "sd-vae-ft-ema")
     torch.save(random_fid_inception_state(), work / "models" / "inception.pth")
     save_random_lpips_weights(work / "models")
+    np.savez(work / "models" / "VIRTUAL_imagenet256_labeled.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8),
+             mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(7), sigma_s=np.eye(7))  # the official keys
     for stage in ("prepare", "autoencoder", "extract-latents", "features"):
         stage_in(work, stage)
     stage_in(work, "train", "pretrain")
@@ -123,6 +126,7 @@ def test_dimr_xl2r_profile_structure_runs_at_tiny_size_and_exports_the_adm_npz(w
     assert json.loads((workspace / "models" / "pretrain" / "train_metrics.json").read_text())["steps"] == 0
     metrics = json.loads((workspace / "metrics" / "dimr_xl2r_imagenet256" / "dimr.json").read_text())
     assert metrics["num_samples"] == 3 and metrics["sampling"]["sampler"] == "dpm_solver"
+    assert metrics["fid_reference_batch"] > 0 and 1 <= metrics["inception_score"] <= 1008  # the ADM protocol ran
     assert "DiMR" in (workspace / "reports" / "dimr_xl2r_imagenet256" / "results.md").read_text()
 
     with np.load(workspace / "samples" / "dimr" / "final.npz") as npz:
@@ -131,7 +135,9 @@ def test_dimr_xl2r_profile_structure_runs_at_tiny_size_and_exports_the_adm_npz(w
         assert sorted(adm.files) == ["arr_0", "arr_1"]
         arr_0, arr_1 = adm["arr_0"], adm["arr_1"]
     assert arr_0.dtype == np.uint8 and arr_0.shape == (3, 32, 32, 3)
-    assert np.array_equal(arr_0, images) and arr_1.tolist() == labels.tolist() == [0, 1, 2]
+    order = evaluator_order(3)
+    assert sorted(order.tolist()) == [0, 1, 2] and labels.tolist() == [0, 1, 2]
+    assert np.array_equal(arr_0, images[order]) and arr_1.tolist() == labels[order].tolist()
 
 
 def test_sampling_is_class_balanced_and_independent_of_the_process_count(workspace, tmp_path):

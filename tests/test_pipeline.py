@@ -20,8 +20,8 @@ def test_smoke_profile_runs_every_stage_end_to_end(smoke_repo):
     assert all(f"{stage}:" in lock for stage in STAGES)
 
 
-def test_second_repro_has_nothing_to_do(smoke_repo):
-    out = run(smoke_repo, "dvc", "repro").stdout
+def test_second_repro_has_nothing_to_do(smoke_repo, tmp_path):
+    out = run(copy_repo(smoke_repo, tmp_path / "repo"), "dvc", "repro").stdout
     assert "Running stage" not in out
     assert "Data and pipelines are up to date" in out
 

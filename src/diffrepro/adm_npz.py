@@ -33,12 +33,20 @@ def read_samples(samples_npz: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def write_adm_npz(samples_npz: str | Path, out_path: str | Path) -> Path:
-    """Write `arr_0` (uint8 N×H×W×3) and `arr_1` (int64 labels) to `out_path`, atomically.
+def evaluator_order(n: int) -> np.ndarray:
+    """A fixed shuffle of n class-sorted samples. The evaluator's Inception Score averages over
+    consecutive 5,000-image splits of the file, and DiT's `sample_ddp.py` files hold randomly drawn
+    labels: in class order each split would see 100 of the 1,000 classes and the score would drop."""
+    return np.random.default_rng(0).permutation(n)
 
-    Uncompressed, as `np.savez` in ADM and DiT: the evaluator streams `arr_0` in batches.
+
+def write_adm_npz(samples_npz: str | Path, out_path: str | Path) -> Path:
+    """Write `arr_0` (uint8 N×H×W×3) and `arr_1` (int64 labels) to `out_path`, atomically, in
+    `evaluator_order`. Uncompressed, as `np.savez` in ADM and DiT: the evaluator streams `arr_0`.
     """
     images, labels = read_samples(samples_npz)
+    order = evaluator_order(len(images))
+    images, labels = images[order], labels[order]
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name

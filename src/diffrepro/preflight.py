@@ -32,6 +32,7 @@ def required_weights(params: dict) -> list[tuple[Path, str]]:
     from diffrepro.methods.finediffusion import OFFICIAL_DIT_URL
     from diffrepro.models.autoencoder import SD_VAE_HELP
     from diffrepro.models.sd_unet import SD_SUBFOLDERS, SD_V14_REPO
+    from diffrepro.reference_batch import REFERENCE_URLS
 
     needed = []
     if params["autoencoder"]["kind"] == "sd_vae":
@@ -39,6 +40,9 @@ def required_weights(params: dict) -> list[tuple[Path, str]]:
     if params["features"]["kind"] == "inception":  # LPIPS is scored whenever features are Inception
         needed += [(Path(params["features"]["inception_weights"]), INCEPTION_HELP),
                    (Path(params["evaluate"]["alexnet_weights"]), ALEXNET_HELP)]
+    if params["evaluate"]["reference_batch"]:
+        path = Path(params["evaluate"]["reference_batch"])
+        needed.append((path, REFERENCE_URLS.get(path.name, "openai/guided-diffusion evaluations/README.md")))
     for run in [params["pretrain"], *params["runs"].values()]:
         if run["init_from"].endswith(".pt"):
             needed.append((Path(run["init_from"]), f"the official DiT checkpoint (e.g. {OFFICIAL_DIT_URL})"))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy.special import log_softmax
 
+from diffrepro.adm_npz import evaluator_order
 from diffrepro.errors import UserError
 from diffrepro.features import feature_statistics, frechet_distance, load_inception
 
@@ -137,6 +138,17 @@ def load_inception_with_logits(weights_path: str) -> InceptionWithLogits:
     inception = load_inception(weights_path)
     fc_weight = torch.load(weights_path, map_location="cpu", weights_only=True)["fc.weight"]
     return InceptionWithLogits(inception, fc_weight).eval()
+
+
+def adm_scores(inception_weights: str, reference_batch: str, images: np.ndarray, device) -> dict:
+    """FID against the reference batch's stored statistics and the Inception Score of uint8 samples,
+    taken in `evaluator_order` (the order `python -m diffrepro adm-npz` writes them in)."""
+    reference = read_reference_batch(reference_batch)
+    net = load_inception_with_logits(inception_weights).to(device)
+    pool, logits = pool_features_and_logits(net, images[evaluator_order(len(images))])
+    score, spread = inception_score(logits)
+    return {"fid_reference_batch": reference_fid(pool, reference), "inception_score": score,
+            "inception_score_std": spread}
 
 
 def pool_features_and_logits(net: InceptionWithLogits, images: np.ndarray,

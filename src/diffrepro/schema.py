@@ -142,6 +142,7 @@ class Speed(Section):
 class Evaluate(Section):
     diversity_pairs: PositiveInt
     alexnet_weights: str
+    reference_batch: str | None  # the ADM evaluator's reference .npz (ImageNet profiles), or null
 
 
 class Report(Section):

@@ -48,6 +48,11 @@ def stage(params: dict, run: str) -> None:
         ev = params["evaluate"]
         metrics["lpips"] = lpips_diversity(load_lpips(ev["alexnet_weights"]), images, labels,
                                            ev["diversity_pairs"], params["seed"])
+    if params["evaluate"]["reference_batch"]:  # ImageNet: the ADM evaluator's protocol (reference_batch.py)
+        from diffrepro.reference_batch import adm_scores
+
+        metrics.update(adm_scores(params["features"]["inception_weights"], params["evaluate"]["reference_batch"],
+                                  images, net.device))
     if cfg["split"] != "base":
         heldout = heldout_sample(prepared / params["data"]["heldout_split"], params["seed"])
         real_spread = within_class_spread(net(heldout["images"])["features"], heldout["labels"],
