@@ -184,13 +184,16 @@ def tables(tflops: dict[str, float], sources: dict[str, str]) -> str:
             for k in sums:
                 sums[k] += hours[k]
             info, guided = f["info"], " × 2" if f["guided"] == 2 else ""
+            if run["release"]:  # adopted as is: no training, no paper run to compare with
+                trained, paper = f"the `{run['release']}` release, adopted", "– (released checkpoint)"
+            else:
+                trained = f"{info['trainable_percent']:.3g} % trained ({f['passes']:.2f} passes)"
+                paper = paper_cell(profile, name, hours["train"], f["train"], run)
             run_rows.append(
-                f"| `{profile}` | `{name}` | {info['model']} {info['gmacs']:.1f} GMACs, "
-                f"{info['trainable_percent']:.3g} % trained ({f['passes']:.2f} passes) | "
+                f"| `{profile}` | `{name}` | {info['model']} {info['gmacs']:.1f} GMACs, {trained} | "
                 f"{run['steps']:,} × {run['batch_size']} | {precision(run)} | "
                 f"{hours_text(hours['train'])} | {f['samples']:,} × {f['nfe']} NFE{guided}: "
-                f"{hours_text(hours['sample'])} | {hours_text(hours['evaluate'])} | "
-                f"{paper_cell(profile, name, hours['train'], f['train'], run)} |")
+                f"{hours_text(hours['sample'])} | {hours_text(hours['evaluate'])} | {paper} |")
         total = sum(shared.values()) + sum(sums.values())
         cells = [shared["extract_latents"], shared["features"], sums["train"], sums["sample"], sums["evaluate"]]
         total_rows.append(f"| `{profile}` | {' | '.join(map(hours_text, cells))} | **{hours_text(total)}** |")

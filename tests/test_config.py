@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from diffrepro.config import load_params, validate
+from diffrepro.replicates import expand
 from diffrepro.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def test_bad_params_are_named(edit, message):
 
 @pytest.mark.parametrize("key, typo", [("sampler", "ddmi"), ("assignment", "lsa-global"), ("space", "latents"),
                                        ("diffusion", "EDM"), ("schedule", "cosine"), ("method", "fine_diffusion"),
-                                       ("guidance_schedule", "linear")])
+                                       ("guidance_schedule", "linear"), ("release", "DiMR")])
 def test_a_typo_in_any_closed_choice_is_refused_before_any_stage_runs(key, typo):
     params = copy.deepcopy(DEFAULT)
     params["runs"]["dit"][key] = typo
@@ -96,6 +97,22 @@ def test_the_closed_choices_are_exactly_what_the_code_implements():
     with pytest.raises(UserError):
         make_betas("cosine", 10)
     assert set(GAUSSIAN_SAMPLERS) | set(EDM_SAMPLERS) == set(CHOICES["sampler"])
+    from diffrepro.models.official_weights import RELEASES
+
+    assert set(CHOICES["release"]) == set(RELEASES)
+
+
+def test_a_released_checkpoint_is_adopted_not_trained():
+    """A run with a `release` trains 0 steps (the cross-field rule), named in one line."""
+    params = copy.deepcopy(DEFAULT)
+    params["runs"]["dit"].update(release="dit", init_from="models/DiT-XL-2-256x256.pt")  # steps: 2000
+    with pytest.raises(UserError) as err:
+        validate(params)
+    assert str(err.value) == ("params.yaml: `runs.dit.steps` must be 0: the run adopts the dit release "
+                              "(`runs.dit.release`) as is, got 2000")
+    params["runs"]["dit"].update(steps=0, eval_at=[])
+    params["train_runs"], params["sample_runs"] = expand(params["runs"])
+    validate(params)
 
 
 def test_cli_prints_one_line_and_exits_2_for_an_unknown_method(tmp_path):

@@ -1,5 +1,5 @@
 """FineDiffusion's claims: what it trains (1.77 % of DiT-XL/2), superclass dropout and guidance,
-delta storage, and loading the official DiT weights; plus the BitFit / DiffFit baselines."""
+delta storage, and fine-tuning from a base DiT's weights; plus the BitFit / DiffFit baselines."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from diffrepro.errors import UserError
 from diffrepro.methods import get_method
-from diffrepro.methods.finediffusion import load_official_dit
+from diffrepro.methods.finediffusion import load_base_state
 from diffrepro.models.info import model_info
 from diffrepro.models.registry import build_model
 
@@ -222,16 +222,14 @@ OFFICIAL_KEYS_TWO_BLOCKS = {
 }
 
 
-def test_official_dit_checkpoint_loads_with_its_class_table_discarded(tmp_path):
+def test_a_base_dit_loads_under_a_fine_tuning_variant_with_its_class_table_discarded():
     pretrained = tiny_dit(num_classes=7)  # a "pretrained" vanilla DiT on other classes
     randomize(pretrained, seed=11)
     assert set(pretrained.state_dict()) == OFFICIAL_KEYS_TWO_BLOCKS
-    path = tmp_path / "DiT-tiny-official.pt"
-    torch.save(pretrained.state_dict(), path)
 
     model = tiny_dit(seed=4, num_super_classes=NUM_SUPER, affine_norms=True, block_scales=True)
     table_before = model.y_embedder.embedding_table.weight.clone()
-    fresh = load_official_dit(model, path)
+    fresh = load_base_state(model, pretrained.state_dict(), "models/pretrain/ema.safetensors")
     assert set(fresh) == {"y_embedder.embedding_table.weight", "final_layer.norm_final.weight",
                           "final_layer.norm_final.bias"} | {
         f"blocks.{i}.{n}" for i in range(2) for n in ("norm1.weight", "norm1.bias", "norm2.weight",
@@ -244,15 +242,11 @@ def test_official_dit_checkpoint_loads_with_its_class_table_discarded(tmp_path):
     assert torch.equal(model.blocks[1].norm2.weight, torch.ones(64))
 
 
-def test_official_loader_rejects_missing_or_mismatched_files(tmp_path):
-    with pytest.raises(UserError, match="dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"):
-        load_official_dit(tiny_dit(), tmp_path / "absent.pt")
+def test_a_base_of_another_size_or_with_tensors_missing_is_refused():
     other_width = build_model("DiT-mini/2", input_size=8, num_classes=NUM_CLASSES)
-    torch.save(other_width.state_dict(), tmp_path / "mini.pt")
-    with pytest.raises(UserError, match="mini.pt"):
-        load_official_dit(tiny_dit(), tmp_path / "mini.pt")
+    with pytest.raises(UserError, match="mini/ema.safetensors does not fit this DiT"):
+        load_base_state(tiny_dit(), other_width.state_dict(), "models/mini/ema.safetensors")
     state = tiny_dit().state_dict()
     del state["blocks.0.attn.qkv.weight"]
-    torch.save(state, tmp_path / "partial.pt")
     with pytest.raises(UserError, match="blocks.0.attn.qkv.weight"):
-        load_official_dit(tiny_dit(), tmp_path / "partial.pt")
+        load_base_state(tiny_dit(), state, "models/partial/ema.safetensors")

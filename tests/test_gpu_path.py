@@ -68,13 +68,14 @@ def test_a_paper_profile_without_cuda_stops_in_its_first_stage_with_one_line(tmp
 def test_missing_weights_are_all_listed_before_the_first_stage_works(tmp_path, monkeypatch, capsys):
     work = _paper_workspace(tmp_path, monkeypatch)
     (work / "models").mkdir()
-    (work / "models" / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"")  # one of four is there
+    (work / "models" / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"")  # one of five is there
     with pytest.raises(SystemExit) as stop:
         cli(["download"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1
-    assert "needs 3 file(s)" in err
-    for name in ("DiT-XL-2-256x256.pt", "sd-vae-ft-mse/config.json", "alexnet-owt-7be5be79.pth"):
+    assert "needs 4 file(s)" in err
+    for name in ("DiT-XL-2-256x256.pt", "sd-vae-ft-mse/config.json", "alexnet-owt-7be5be79.pth",
+                 "FineDiffusion-iNat.pt (the official finediffusion release: https://drive.google.com/"):
         assert name in err
     assert "pt_inception" not in err
     assert not (work / "data").exists()

@@ -1,5 +1,6 @@
-"""Strict loaders for the released DiMR, FineDiffusion and Patch Diffusion checkpoints, and the
-restricted unpickler that reads EDM-style pickles.
+"""Strict loaders for the released DiT, DiMR, FineDiffusion and Patch Diffusion checkpoints, the
+table through which a run adopts one (`adopt_release`), and the restricted unpickler that reads
+EDM-style pickles.
 
 Each format is tested at a tiny configuration. A model with random weights is written in the
 official layout and saved the way the official code saves it. It is then loaded into a fresh
@@ -55,6 +56,10 @@ def randomize(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
 
 # --- tiny models --------------------------------------------------------------------------------------
 
+def tiny_dit() -> DiT:
+    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=20).eval()
+
+
 def tiny_finediffusion() -> DiT:
     return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
                num_classes=20, num_super_classes=3, affine_norms=True).eval()
@@ -77,28 +82,40 @@ def tiny_adm() -> EDMDenoiser:
 
 # --- official key sets, enumerated from the official constructors -------------------------------------
 
-def official_finediffusion_shapes(depth=2, hidden=32, channels=4, patch=2, grid=4, rows=23) -> dict:
-    """FineDiffusion models.py: DiT with affine LayerNorms and a (classes + superclasses)-row table."""
+def official_dit_shapes(depth=2, hidden=32, channels=4, patch=2, grid=4, rows=21, affine=False) -> dict:
+    """facebookresearch/DiT models.py: LayerNorms without parameters and a class table of classes + 1
+    (the null row) rows. FineDiffusion's models.py (`affine`) gives the LayerNorms their γ and β."""
+    norms = {}
+
+    def norm(prefix):
+        if affine:
+            norms.update({f"{prefix}.weight": (hidden,), f"{prefix}.bias": (hidden,)})
+
     shapes = {"pos_embed": (1, grid * grid, hidden), "x_embedder.proj.weight": (hidden, channels, patch, patch),
               "x_embedder.proj.bias": (hidden,), "t_embedder.mlp.0.weight": (hidden, 256),
               "t_embedder.mlp.0.bias": (hidden,), "t_embedder.mlp.2.weight": (hidden, hidden),
               "t_embedder.mlp.2.bias": (hidden,), "y_embedder.embedding_table.weight": (rows, hidden)}
     for n in range(depth):
         b = f"blocks.{n}"
-        shapes.update({f"{b}.norm1.weight": (hidden,), f"{b}.norm1.bias": (hidden,),
-                       f"{b}.attn.qkv.weight": (3 * hidden, hidden), f"{b}.attn.qkv.bias": (3 * hidden,),
+        norm(f"{b}.norm1")
+        norm(f"{b}.norm2")
+        shapes.update({f"{b}.attn.qkv.weight": (3 * hidden, hidden), f"{b}.attn.qkv.bias": (3 * hidden,),
                        f"{b}.attn.proj.weight": (hidden, hidden), f"{b}.attn.proj.bias": (hidden,),
-                       f"{b}.norm2.weight": (hidden,), f"{b}.norm2.bias": (hidden,),
                        f"{b}.mlp.fc1.weight": (4 * hidden, hidden), f"{b}.mlp.fc1.bias": (4 * hidden,),
                        f"{b}.mlp.fc2.weight": (hidden, 4 * hidden), f"{b}.mlp.fc2.bias": (hidden,),
                        f"{b}.adaLN_modulation.1.weight": (6 * hidden, hidden),
                        f"{b}.adaLN_modulation.1.bias": (6 * hidden,)})
+    norm("final_layer.norm_final")
     out = patch * patch * 2 * channels
-    shapes.update({"final_layer.norm_final.weight": (hidden,), "final_layer.norm_final.bias": (hidden,),
-                   "final_layer.linear.weight": (out, hidden), "final_layer.linear.bias": (out,),
+    shapes.update({"final_layer.linear.weight": (out, hidden), "final_layer.linear.bias": (out,),
                    "final_layer.adaLN_modulation.1.weight": (2 * hidden, hidden),
                    "final_layer.adaLN_modulation.1.bias": (2 * hidden,)})
-    return shapes
+    return {**shapes, **norms}
+
+
+def official_finediffusion_shapes(depth=2, hidden=32, channels=4, patch=2, grid=4, rows=23) -> dict:
+    """FineDiffusion models.py: DiT with affine LayerNorms and a (classes + superclasses)-row table."""
+    return official_dit_shapes(depth, hidden, channels, patch, grid, rows, affine=True)
 
 
 def official_dimr_shapes(d1=32, depth1=3, grid1=4, d2=16, depth2=3, grid2=8, channels=4, class_rows=11) -> dict:
@@ -225,7 +242,8 @@ def official_unet_shapes(adm: bool, res: int, in_channels: int, out_channels: in
 
 # --- our tensors in the official layout (the loader's names; conversions inverted independently) ----
 
-def official_finediffusion(model) -> dict:
+def official_dit(model) -> dict:
+    """DiT and FineDiffusion: our names and shapes are the official ones."""
     return {name: t.clone() for name, t in model.state_dict().items()}
 
 
@@ -258,6 +276,13 @@ def official_edm(denoiser) -> dict:
 
 
 # --- saving as the official code does -----------------------------------------------------------------
+
+def save_dit(official: dict, directory: Path) -> Path:
+    """DiT's release (download.py): torch.save of the EMA state dict alone."""
+    path = directory / "DiT-XL-2-256x256.pt"
+    torch.save(official, path)
+    return path
+
 
 def save_finediffusion(official: dict, directory: Path) -> Path:
     """FineDiffusion train.py: torch.save({model, ema, opt, args}); sample.py loads `ema`."""
@@ -378,7 +403,10 @@ def _marker(directory: Path) -> Path:
 
 
 FORMATS = [
-    Format("finediffusion", tiny_finediffusion, official_finediffusion, save_finediffusion, ow.load_finediffusion,
+    Format("dit", tiny_dit, official_dit, save_dit, ow.load_dit, ow.OFFICIAL_URLS["DiT-XL/2-256"],
+           official_dit_shapes, lambda: (torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([5, 20])),
+           "blocks.0.attn.proj.weight"),  # 20: the null row
+    Format("finediffusion", tiny_finediffusion, official_dit, save_finediffusion, ow.load_finediffusion,
            ow.OFFICIAL_URLS["FineDiffusion-iNat"], official_finediffusion_shapes,
            lambda: (torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([5, 22])),  # 22: superclass row 2
            "blocks.1.mlp.fc1.weight"),
@@ -417,12 +445,14 @@ def test_official_layout_matches_the_official_architecture(fmt):
 
 
 PAPER_SCALE = {  # name: (our model, its loader's layout, the official shapes, published parameter count)
+    "DiT-XL/2 256": (lambda: build_model("DiT-XL/2", image_size=256, num_classes=1000), ow.dit_layout,
+                     lambda: official_dit_shapes(28, 1152, 4, 2, 16, 1001), 675_129_632),
     "DiMR-XL/2R": (lambda: build_model("DiMR-XL/2R"), ow.dimr_layout,
                    lambda: official_dimr_shapes(960, 39, 16, 480, 21, 32, 4, 1001), 505_046_408),
     "DiMR-G/2R": (lambda: build_model("DiMR-G/2R"), ow.dimr_layout,
                   lambda: official_dimr_shapes(1152, 57, 16, 576, 29, 32, 4, 1001), 1_056_352_904),
     "FineDiffusion-iNat": (lambda: build_model("DiT-XL/2", image_size=256, num_classes=10000, num_super_classes=11,
-                                               affine_norms=True), ow.finediffusion_layout,
+                                               affine_norms=True), ow.dit_layout,
                            lambda: official_finediffusion_shapes(28, 1152, 4, 2, 16, 10011), 685_640_480),
     "Patch-Diffusion DDPM++ 64": (
         lambda: EDMDenoiser(build_model("ddpmpp", in_channels=3, extra_in_channels=2)), ow.edm_layout,
@@ -460,6 +490,30 @@ def test_round_trip_gives_the_same_forward_pass(fmt, tmp_path, one_thread):
     assert not _marker(tmp_path).exists()  # the module source inside the pickle never ran
 
 
+RELEASE_OF = {"dit": "dit", "finediffusion": "finediffusion", "dimr": "dimr", "ddpmpp": "patch_diffusion",
+              "adm": "patch_diffusion"}  # format → the run's `release` that reads it
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_a_run_adopts_each_release_through_its_own_strict_loader(fmt, tmp_path, one_thread):
+    source = randomize(fmt.build())
+    path = fmt.save(fmt.official(source), tmp_path)
+    fresh, inputs = fmt.build(), fmt.inputs()
+    assert ow.adopt_release(RELEASE_OF[fmt.name], fresh, path) is fresh
+    torch.testing.assert_close(forward(fresh, inputs), forward(source, inputs))
+    assert ow.release_url(RELEASE_OF[fmt.name], path) == fmt.url
+    other = "dimr" if fmt.name != "dimr" else "dit"  # another release's loader refuses the file, naming it
+    with pytest.raises(UserError, match=str(path)):
+        ow.adopt_release(other, fmt.build(), path)
+
+
+def test_a_known_file_name_gives_its_own_release_url():
+    assert ow.release_url("dimr", "models/DiMR-G_2R_800epochs.pth") == ow.OFFICIAL_URLS["DiMR-G/2R"]
+    assert ow.release_url("dit", "elsewhere/DiT-XL-2-512x512.pt") == ow.OFFICIAL_URLS["DiT-XL/2-512"]
+    assert ow.release_url("dimr", "models/renamed.pth") == ow.OFFICIAL_URLS["DiMR-XL/2R"]  # the release's first
+    assert set(ow.RELEASE_FILES.values()) <= set(ow.OFFICIAL_URLS)
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("defect", ["missing", "extra", "shape"])
 def test_mismatch_is_one_line_naming_file_url_and_tensor(fmt, defect, tmp_path):
@@ -493,7 +547,7 @@ def test_our_tensor_without_official_counterpart_is_refused(tmp_path):
 
 
 def test_finediffusion_needs_the_tiered_table(tmp_path):
-    path = save_finediffusion(official_finediffusion(tiny_finediffusion()), tmp_path)
+    path = save_finediffusion(official_dit(tiny_finediffusion()), tmp_path)
     with pytest.raises(UserError, match="num_super_classes"):
         plain = DiT(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=20, affine_norms=True)
         ow.load_finediffusion(plain, path)

@@ -32,7 +32,7 @@ PATCH_IMAGES_PER_SLOT = 0.5 * 1 + 0.3 * 2 + 0.2 * 4  # real_p 0.5: sizes R, R/2,
 def _recipe(images_per_step: float, dropout: float, method: str, method_kwargs: dict) -> dict:
     """One run of EDM's 64 px DDPM++ recipe, its image quantities converted to optimizer steps."""
     return {"model": "ddpmpp", "method": method, "diffusion": "edm", "schedule": "linear", "space": "pixel",
-            "data": "data/prepared", "init_from": "data/prepared", "split": "train",
+            "data": "data/prepared", "init_from": "data/prepared", "release": None, "split": "train",
             "model_kwargs": {"num_classes": None, "dropout": dropout},  # --cond=0
             "method_kwargs": method_kwargs, "assignment": "none",
             "steps": round(BUDGET / images_per_step), "batch_size": BATCH, "lr": 2e-4, "weight_decay": 0.0,

@@ -77,6 +77,19 @@ def test_a_profiles_paper_numbers_stay_in_their_papers_table():
     assert frame[(frame.run == "dimr") & (frame.metric == "fid")].paper_value.tolist() == [1.63]
 
 
+def test_a_released_checkpoint_shows_beside_the_trained_run_and_the_papers_number():
+    frame = report.results_frame(_runs(dimr=[10.0, 12.0], dit=[13.0], dimr_released=[1.8]), "dimr_g2r_imagenet256")
+    lines = report.paper_table(frame, dimr.PAPER, "dimr_g2r_imagenet256").splitlines()
+    assert "| FID: trained here (paper) | FID: released ckpt here |" in lines[0]
+    rows = {line.split(" | ")[0]: line for line in lines[2:]}
+    assert set(rows) == {"| dimr", "| dit"} and "| 11 ±1 (1.63) | 1.8 |" in rows["| dimr"]
+    assert "| 13 (2.27) | – |" in rows["| dit"]  # no released DiT in these metrics
+    fid = frame[frame.metric == "fid"].set_index("run")
+    assert (fid.loc["dimr_released", "value"], fid.loc["dimr_released", "paper_value"]) == (1.8, 1.63)
+    plain = report.paper_table(report.results_frame(_runs(dimr=[10.0], dit=[13.0])), dimr.PAPER)
+    assert "released" not in plain and "| FID (paper) |" in plain  # without released runs: as before
+
+
 def test_steps_to_equal_fid_is_the_first_step_at_or_below_the_baselines_final_fid():
     metrics = {"vanilla": _metrics("vanilla", 12.0, steps=600, curve=((200, 20.0), (400, 14.0))),
                "imm": _metrics("imm", 11.0, steps=600, curve=((200, 15.0), (400, 12.0)))}
@@ -136,6 +149,8 @@ def test_a_papers_declaration_is_complete_and_consistent(paper):
     if paper.speedup_baseline is not None:  # the speed-up column: every row measured against the baseline
         assert {(r, paper.speedup_baseline) for r in rows if r != paper.speedup_baseline} <= set(paper.speed_pairs)
     assert paper.speedup_baseline is None or paper.speedup_baseline in rows
+    for row, run in paper.table.released.items():  # a released run stands for a row, named after it
+        assert row in rows and run == f"{row}_released", (row, run)
     for figure in paper.figures:
         assert (ROOT / "notebooks" / f"{figure.notebook}.ipynb").is_file(), figure
     profiles = {p.stem for p in (ROOT / "conf" / "profile").glob("*.yaml")}

@@ -2,8 +2,9 @@
 
 Every stage reads only its own section (plus the global `seed`). Validation happens before any
 work: the schema (schema.py: every key, type, range and closed choice), then the rules that
-involve several params (eval_at within steps, the sampler of the run's diffusion, the seeds,
-`train_runs`/`sample_runs` being the expansion of `runs`). Each error is one line naming the key.
+involve several params (eval_at within steps, the sampler of the run's diffusion, the seeds, no
+training of a released checkpoint, `train_runs`/`sample_runs` being the expansion of `runs`). Each
+error is one line naming the key.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def _check_run(cfg: dict, where: str, source: str) -> None:
                         f"integers, got {seeds!r}")
     if where == "pretrain" and len(seeds) != 1:
         raise UserError(f"{source}: `pretrain.seeds` must hold one seed (one base model), got {seeds!r}")
+    if cfg["release"] and cfg["steps"] != 0:
+        raise UserError(f"{source}: `{where}.steps` must be 0: the run adopts the {cfg['release']} release "
+                        f"(`{where}.release`) as is, got {cfg['steps']}")
     for step in cfg["eval_at"]:
         if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= cfg["steps"]:
             raise UserError(f"{source}: `{where}.eval_at` entries must be steps in 1..{where}.steps "

@@ -29,8 +29,8 @@ def required_weights(params: dict) -> list[tuple[Path, str]]:
     """(file or folder, where it comes from) of every pretrained file the profile's stages read."""
     from diffrepro.features import INCEPTION_HELP
     from diffrepro.lpips import ALEXNET_HELP
-    from diffrepro.methods.finediffusion import OFFICIAL_DIT_URL
     from diffrepro.models.autoencoder import SD_VAE_HELP
+    from diffrepro.models.official_weights import release_url
     from diffrepro.models.sd_unet import SD_SUBFOLDERS, SD_V14_REPO
     from diffrepro.reference_batch import REFERENCE_URLS
 
@@ -44,8 +44,9 @@ def required_weights(params: dict) -> list[tuple[Path, str]]:
         path = Path(params["evaluate"]["reference_batch"])
         needed.append((path, REFERENCE_URLS.get(path.name, "openai/guided-diffusion evaluations/README.md")))
     for run in [params["pretrain"], *params["runs"].values()]:
-        if run["init_from"].endswith(".pt"):
-            needed.append((Path(run["init_from"]), f"the official DiT checkpoint (e.g. {OFFICIAL_DIT_URL})"))
+        if run["release"]:
+            needed.append((Path(run["init_from"]), f"the official {run['release']} release: "
+                                                   f"{release_url(run['release'], run['init_from'])}"))
         if run["model_kwargs"].get("sd_dir"):
             needed += [(Path(run["model_kwargs"]["sd_dir"]) / part, f"a local copy of the Hugging Face repo {SD_V14_REPO}")
                        for part in SD_SUBFOLDERS]

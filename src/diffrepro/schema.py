@@ -21,6 +21,7 @@ Space = Literal["latent", "pixel"]
 Diffusion = Literal["gaussian", "edm"]
 Schedule = Literal["linear", "scaled_linear"]  # Gaussian β schedule: DiT's | DiMR's and SD's
 GuidanceSchedule = Literal["constant", "increasing"]  # increasing: DiMR eval.py's power-cosine ramp of w
+Release = Literal["dit", "finediffusion", "dimr", "patch_diffusion"]  # official weights: models/official_weights.py
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Count = Annotated[int, Field(ge=0)]
@@ -40,11 +41,12 @@ class Training(Section):
     space: Space
     data: str                # the folder the run trains on (a DVC dep)
     init_from: str           # a trained model folder to fine-tune, an official weight file, or the data (= scratch)
+    release: Release | None  # init_from is this release's official file, adopted by its strict loader (steps 0)
     split: str               # the prepared split it trains on (train | base | train_small)
     model_kwargs: dict[str, Any]
     method_kwargs: dict[str, Any]
     assignment: Assignment
-    steps: Count             # 0: adopt `init_from` as is (official weights)
+    steps: Count             # 0: adopt the release (or save the initialisation, a placeholder `pretrain`)
     batch_size: PositiveInt
     lr: Rate
     weight_decay: Rate
@@ -176,7 +178,7 @@ def choices(annotation) -> tuple[str, ...]:
 CHOICES = {  # every closed choice (tests keep them equal to what the code implements)
     "method": choices(Method), "sampler": choices(Sampler), "assignment": choices(Assignment),
     "space": choices(Space), "diffusion": choices(Diffusion), "schedule": choices(Schedule),
-    "guidance_schedule": choices(GuidanceSchedule),
+    "guidance_schedule": choices(GuidanceSchedule), "release": choices(Release),
 }
 KINDS = {"autoencoder": choices(Autoencoder.model_fields["kind"].annotation),
          "features": choices(Features.model_fields["kind"].annotation)}

@@ -23,29 +23,31 @@ from diffrepro.execution import batch_per_device
 from diffrepro.inputs import read_safetensors
 from diffrepro.methods import get_method
 from diffrepro.methods.immiscible import make_assigner, mean_pair_distance
+from diffrepro.models.official_weights import adopt_release
 from diffrepro.models.registry import build_model
 from diffrepro.runs import class_counts, model_config, noise_process, rng, train_command, training_set
 
 
-def _load_init(model: torch.nn.Module, cfg: dict) -> str | None:
+def _load_init(backbone: torch.nn.Module, network: torch.nn.Module, cfg: dict) -> str | None:
     """Weights a run starts from; returns the base run folder a PEFT delta will refer to.
 
-    `init_from` is a trained run folder (fine-tuning: its EMA weights, class table discarded), an
-    official DiT checkpoint file (`*.pt`: the paper-scale `pretrain` adopts it), or the data
-    folder the run trains on (from scratch).
+    With a `release`, `init_from` is that release's official file, adopted by its strict loader
+    into `network` (what the noise process calls: EDM's denoiser wraps the backbone). Otherwise
+    `init_from` is a trained run folder (fine-tuning: its EMA weights, class table discarded) or
+    the data folder the run trains on (from scratch).
     """
-    from diffrepro.methods.finediffusion import load_base_state, load_official_dit
+    from diffrepro.methods.finediffusion import load_base_state
 
-    init = Path(cfg["init_from"])
-    if init.suffix == ".pt":
-        load_official_dit(model, init)
+    if cfg["release"]:
+        adopt_release(cfg["release"], network, cfg["init_from"])
         return None
+    init = Path(cfg["init_from"])
     if not (init / "config.json").exists():
         return None
     weights = init / "ema.safetensors"
     if not weights.exists():
         raise UserError(f"{weights} is missing: run `dvc repro` for the base run {init.name}")
-    load_base_state(model, read_safetensors(weights, train_command(init.name)), str(weights))
+    load_base_state(backbone, read_safetensors(weights, train_command(init.name)), str(weights))
     return str(init)
 
 
@@ -116,8 +118,8 @@ class Trainer:
         torch.manual_seed(self.seed)
         backbone = build_model(cfg["model"], **self.model_kwargs)
         self.diffusion = noise_process(cfg, backbone)
-        self.base_dir = _load_init(backbone, cfg)
         self.model = self.diffusion.network(backbone)
+        self.base_dir = _load_init(backbone, self.model, cfg)
         self.method.configure_model(self.model)
         self.delta_of = self.base_dir if self.method.peft else None
         groups = self.method.param_groups(self.model, cfg["weight_decay"])

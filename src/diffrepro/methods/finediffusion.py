@@ -14,13 +14,12 @@ What each method trains on a pretrained DiT (the official code selects by parame
   class table and a per-channel γ (init 1) scaling each block's attention and MLP branches.
 
 `model_overrides` on each method names the backbone options it needs; the builder applies them.
-Pretrained weights come from `load_official_dit`; a PEFT run stores only its trained tensors,
-put back on its base run's weights by `runs.load_trained`.
+Pretrained weights: a base run (at paper scale the `pretrain` that adopts DiT's release) goes under
+a fine-tuning run by `load_base_state`, class table discarded; a PEFT run stores only its trained
+tensors, put back on its base run's weights by `runs.load_trained`.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
@@ -28,7 +27,6 @@ from diffrepro.errors import UserError
 from diffrepro.methods.base import Method, register_method
 
 CLASS_TABLE = "y_embedder.embedding_table.weight"
-OFFICIAL_DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
 
 
 def _train_only(model: torch.nn.Module, trainable) -> None:
@@ -102,32 +100,11 @@ NEW_PARAMETER_SUFFIXES = (".norm1.weight", ".norm1.bias", ".norm2.weight", ".nor
                           ".gamma_msa", ".gamma_mlp")
 
 
-def load_official_dit(model: torch.nn.Module, path: str | Path) -> list[str]:
-    """Load facebookresearch/DiT weights into `model`, discarding the ImageNet class table.
-
-    Every other official tensor must load by name and shape; the model's only parameters allowed
-    to stay at init are the class table and those in NEW_PARAMETER_SUFFIXES. Returns their names.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"pretrained DiT weights not found: {path}; download {OFFICIAL_DIT_URL} "
-                        f"(no published checksum: sha256 UNKNOWN)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, pickle with code, not a torch file
-        raise UserError(f"{path} is not a readable DiT state dict ({type(err).__name__}: {err}); "
-                        f"re-download {OFFICIAL_DIT_URL}") from err
-    if isinstance(state, dict) and isinstance(state.get("ema"), dict):  # a DiT train.py checkpoint
-        state = state["ema"]
-    if not isinstance(state, dict):
-        raise UserError(f"{path} holds a {type(state).__name__}, not a DiT state dict")
-    return load_base_state(model, state, str(path))
-
-
 def load_base_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
     """Load a base DiT's tensors into `model`, discarding its class table (the classes are new).
 
-    Shared by the official checkpoint and the default scale's `pretrain` run. Returns the names
+    The base is a trained run's weights: the `pretrain` that adopted DiT's release (paper scale) or
+    the DiT trained on the base classes (default scale). Returns the names
     left at their fresh init: the class table and NEW_PARAMETER_SUFFIXES only, else UserError.
     """
     state = {k: v for k, v in state.items() if k != CLASS_TABLE}

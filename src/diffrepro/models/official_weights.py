@@ -1,4 +1,5 @@
-"""Strict loaders for the released checkpoints of DiMR, FineDiffusion and Patch Diffusion.
+"""Strict loaders for the released checkpoints of DiT, DiMR, FineDiffusion and Patch Diffusion, and
+the one table (`RELEASES`) through which a run with a `release` adopts its official file.
 
 An explicit table maps every official tensor name to one tensor of our model. Loading is strict.
 Each official tensor must land on exactly one of ours, with the official shape. Each of ours must
@@ -13,7 +14,7 @@ mismatch. Three official layouts differ from ours by more than a name, and each 
 EDM's resampling convs also store their FIR filter as a buffer. It must equal our fixed [1, 1]
 filter, and it is checked, not loaded.
 
-DiMR and FineDiffusion files are `torch.save` outputs, read with torch's weights-only unpickler.
+DiT, DiMR and FineDiffusion files are `torch.save` outputs, read with torch's weights-only unpickler.
 Patch Diffusion (EDM) snapshots pickle code-carrying modules and are read with
 `diffrepro.safe_unpickle`. docs/official_weights.md lists the releases, URLs and checksums.
 """
@@ -35,6 +36,8 @@ from diffrepro.models.edm_unets import SongUNet
 from diffrepro.safe_unpickle import PickledObject, load_pickle, module_state_dict
 
 OFFICIAL_URLS = {
+    "DiT-XL/2-256": "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt",
+    "DiT-XL/2-512": "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt",
     "DiMR-XL/2R": "https://huggingface.co/QHL067/DiMR/resolve/main/DiMR-XL_2R_800epochs.pth",
     "DiMR-G/2R": "https://huggingface.co/QHL067/DiMR/resolve/main/DiMR-G_2R_800epochs.pth",
     "FineDiffusion-iNat": "https://drive.google.com/file/d/1BdwaIgSrAhI6qSuJkkSOtVrVNh-puNwC/view",
@@ -108,26 +111,38 @@ def read_torch_file(path: str | Path, url: str):
         raise UserError(f"{path} is not a readable checkpoint ({reason}); the release is {url}") from err
 
 
-# --- FineDiffusion --------------------------------------------------------------------------------
-# FineDiffusion/FineDiffusion models.py is DiT with affine LayerNorms and one class table of
-# num_classes fine rows then num_super_classes superclass rows. Our DiT uses the same names.
+# --- DiT and FineDiffusion -----------------------------------------------------------------------
+# facebookresearch/DiT models.py uses the names of our models/dit.py: LayerNorms without affine
+# parameters, a class table of num_classes rows plus the null row of classifier-free guidance.
+# FineDiffusion/FineDiffusion models.py is the same DiT with affine LayerNorms and one class table
+# of num_classes fine rows then num_super_classes superclass rows (no null row).
 
 
-def finediffusion_layout(model: torch.nn.Module) -> Layout:
+def dit_layout(model: torch.nn.Module) -> Layout:
+    """DiT and FineDiffusion: every official tensor has our name and shape."""
     return {name: Slot(name, tuple(t.shape)) for name, t in model.state_dict().items()}
+
+
+def read_dit_weights(path: str | Path, url: str):
+    """The weights of a DiT-style file: a plain state dict, or a train.py checkpoint's `ema`, the
+    one the official sample.py reads."""
+    state = read_torch_file(path, url)
+    return state["ema"] if isinstance(state, dict) and "ema" in state else state
+
+
+def load_dit(model: torch.nn.Module, path: str | Path, url: str = OFFICIAL_URLS["DiT-XL/2-256"]) -> torch.nn.Module:
+    """A released DiT (its EMA weights) goes into our DiT as is, class table included: build the
+    model with the release's classes (ImageNet: 1000) and class dropout (the null row)."""
+    return load_strict(model, read_dit_weights(path, url), dit_layout, path, url)
 
 
 def load_finediffusion(model: torch.nn.Module, path: str | Path,
                        url: str = OFFICIAL_URLS["FineDiffusion-iNat"]) -> torch.nn.Module:
     """A released FineDiffusion DiT goes into our DiT, which must be built with affine_norms and
-    num_super_classes. The file is a plain state dict or a train.py checkpoint; from a checkpoint
-    its `ema` is read, as the official sample.py does."""
+    num_super_classes."""
     if not getattr(model, "num_super_classes", 0):
         raise UserError(f"{path}: FineDiffusion's tiered class table needs a DiT built with num_super_classes > 0")
-    state = read_torch_file(path, url)
-    if isinstance(state, dict) and "ema" in state:
-        state = state["ema"]
-    return load_strict(model, state, finediffusion_layout, path, url)
+    return load_strict(model, read_dit_weights(path, url), dit_layout, path, url)
 
 
 # --- DiMR -----------------------------------------------------------------------------------------
@@ -294,3 +309,33 @@ def load_patch_diffusion(denoiser: torch.nn.Module, path: str | Path,
     if problem:
         raise UserError(f"{path} does not match the official release {url}: {problem}")
     return load_strict(denoiser, module_state_dict(ema, str(path)), edm_layout, path, url)
+
+
+# --- adopting a release as a run's weights --------------------------------------------------------
+# A run with `release` (schema.Release) adopts `init_from`, that release's official file, as its
+# weights instead of training (training.py); preflight.py names a missing file with its URL.
+
+RELEASES = {  # release → (its strict loader, the OFFICIAL_URLS entry of a file whose name is not below)
+    "dit": (load_dit, "DiT-XL/2-256"),
+    "finediffusion": (load_finediffusion, "FineDiffusion-iNat"),
+    "dimr": (load_dimr, "DiMR-XL/2R"),
+    "patch_diffusion": (load_patch_diffusion, "Patch-Diffusion"),
+}
+RELEASE_FILES = {  # the file names the profiles put in models/ → their OFFICIAL_URLS entry. The official
+    # names of the FineDiffusion 512 and VegFru files are UNKNOWN: those two names are chosen here.
+    "DiT-XL-2-256x256.pt": "DiT-XL/2-256", "DiT-XL-2-512x512.pt": "DiT-XL/2-512",
+    "FineDiffusion-iNat.pt": "FineDiffusion-iNat", "FineDiffusion-iNat-512.pt": "FineDiffusion-iNat-512",
+    "FineDiffusion-VegFru.pt": "FineDiffusion-VegFru",
+    "DiMR-XL_2R_800epochs.pth": "DiMR-XL/2R", "DiMR-G_2R_800epochs.pth": "DiMR-G/2R",
+}
+
+
+def release_url(release: str, path: str | Path) -> str:
+    """Where `path`, a file of `release`, is downloaded from."""
+    return OFFICIAL_URLS[RELEASE_FILES.get(Path(path).name, RELEASES[release][1])]
+
+
+def adopt_release(release: str, network: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load `path` into `network`, the network the run's noise process calls (EDM: the
+    preconditioned denoiser), with the strict loader of `release`."""
+    return RELEASES[release][0](network, path, release_url(release, path))

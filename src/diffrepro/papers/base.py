@@ -13,6 +13,9 @@ class Table:
     default_note: str            # what stands for it in the embedded default (smoke too)
     rows: dict[str, dict]        # run name → the paper's numbers for the row it stands for
     columns: tuple[str, ...]     # metric keys shown
+    # row's run → the run that adopts the authors' released checkpoint for it (`<run>_released`);
+    # where the profile has that run, the table shows its numbers beside the trained run's
+    released: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

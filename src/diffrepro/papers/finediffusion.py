@@ -8,6 +8,11 @@ from diffrepro.papers.base import Claim, Figure, Paper, SpeedClaim, Table
 SPEEDUP = 1.56  # per training step, against full fine-tuning (DiT-XL/2, 1.77 % of its parameters trainable)
 BASELINE = "full_finetune"
 PEFT_RUNS = ("finediffusion", "bitfit", "difffit")  # the parameter-efficient runs, each against BASELINE
+# The rows of the 512 px and VegFru settings (the paper publishes BitFit and DiffFit only at iNat 256)
+INAT512 = {"finediffusion": {"fid": 9.490, "lpips": 0.723, "trainable_percent": 1.77, "speedup": SPEEDUP},
+           BASELINE: {"trainable_percent": 100.0, "speedup": 1.0}, "bitfit": {}, "difffit": {}}
+VEGFRU256 = {"finediffusion": {"fid": 12.382, "lpips": 0.667, "trainable_percent": 1.77, "speedup": SPEEDUP},
+             BASELINE: {"trainable_percent": 100.0, "speedup": 1.0}, "bitfit": {}, "difffit": {}}
 
 PAPER = Paper(
     key="finediffusion",
@@ -24,16 +29,10 @@ PAPER = Paper(
          BASELINE: {"fid": 13.034, "lpips": 0.651, "trainable_percent": 100.0, "speedup": 1.0},
          "bitfit": {"fid": 15.022}, "difffit": {"fid": 15.068}},
         ("fid", "fine_accuracy", "super_accuracy", "hue_error_deg", "diversity", "lpips", "trainable_percent",
-         "checkpoint_mb", "speedup")),
-    rows_by_profile={  # the paper publishes BitFit and DiffFit only at iNat 256
-        "finediffusion_inat512": {"finediffusion": {"fid": 9.490, "lpips": 0.723, "trainable_percent": 1.77,
-                                                    "speedup": SPEEDUP},
-                                  BASELINE: {"trainable_percent": 100.0, "speedup": 1.0},
-                                  "bitfit": {}, "difffit": {}},
-        "finediffusion_vegfru256": {"finediffusion": {"fid": 12.382, "lpips": 0.667, "trainable_percent": 1.77,
-                                                      "speedup": SPEEDUP},
-                                    BASELINE: {"trainable_percent": 100.0, "speedup": 1.0},
-                                    "bitfit": {}, "difffit": {}}},
+         "checkpoint_mb", "speedup"),
+        released={"finediffusion": "finediffusion_released"}),
+    rows_by_profile={"finediffusion_inat512": INAT512, "finediffusion_inat512_released": INAT512,
+                     "finediffusion_vegfru256": VEGFRU256, "finediffusion_vegfru256_released": VEGFRU256},
     claims=(Claim("FineDiffusion beats full fine-tuning (FID)", "fid", "finediffusion", BASELINE),
             Claim("FineDiffusion beats BitFit (FID)", "fid", "finediffusion", "bitfit"),
             Claim("FineDiffusion beats DiffFit (FID)", "fid", "finediffusion", "difffit")),

@@ -83,40 +83,66 @@ def _with_speedup(metrics: dict[str, dict], speed: dict, baseline: str | None) -
 
 def results_frame(metrics: dict[str, dict], profile: str = "default", speed: dict | None = None) -> pd.DataFrame:
     """Long format (paper, run, metric, value = mean over seeds, spread = max − min, seeds,
-    paper_value): reports/results.csv."""
+    paper_value): reports/results.csv. A row's released run (`Table.released`) has rows of its own,
+    with the paper's value of the row it stands for."""
     rows = []
     for paper in PAPERS:
         with_speedup = _with_speedup(metrics, speed or {}, paper.speedup_baseline)
-        for run, paper_values in paper.rows(profile).items():
-            reps = replicates(with_speedup, run)
-            if not reps:
-                continue
-            for metric in dict.fromkeys(paper.table.columns + tuple(paper_values)):
-                values = [v for v in (flat_metrics(m).get(metric) for m in reps) if v is not None]
-                rows.append({"paper": paper.key, "run": run, "model": reps[0]["model"], "method": reps[0]["method"],
-                             "metric": metric, "value": sum(values) / len(values) if values else None,
-                             "spread": max(values) - min(values) if len(values) > 1 else None,
-                             "seeds": len(values), "paper_value": paper_values.get(metric)})
+        for row, paper_values in paper.rows(profile).items():
+            for run in (row, paper.table.released.get(row)):
+                reps = replicates(with_speedup, run) if run else []
+                if not reps:
+                    continue
+                for metric in dict.fromkeys(paper.table.columns + tuple(paper_values)):
+                    values = [v for v in (flat_metrics(m).get(metric) for m in reps) if v is not None]
+                    rows.append({"paper": paper.key, "run": run, "model": reps[0]["model"],
+                                 "method": reps[0]["method"], "metric": metric,
+                                 "value": sum(values) / len(values) if values else None,
+                                 "spread": max(values) - min(values) if len(values) > 1 else None,
+                                 "seeds": len(values), "paper_value": paper_values.get(metric)})
     return pd.DataFrame(rows, columns=["paper", "run", "model", "method", "metric", "value", "spread", "seeds",
                                        "paper_value"])
 
 
+def _cell(r: pd.DataFrame, metric: str) -> str:
+    """A run's mean over seeds of `metric`, ± half their range when they differ."""
+    here, spread = r["value"].get(metric), r["spread"].get(metric)
+    return fmt(here) + ("" if missing(spread) or missing(here) or spread == 0 else f" ±{fmt(spread / 2)}")
+
+
 def paper_table(frame: pd.DataFrame, paper: Paper, profile: str = "default") -> str:
+    """The paper's rows with its metrics. Where the profile has a row's released run, each metric with
+    a paper value gets a second column, the released checkpoint's; a row without its trained run (a
+    `*_released` profile) shows the released run alone."""
     table, sub = paper.table, frame[frame.paper == paper.key]
     rows = paper.rows(profile)
     cols = [c for c in table.columns if c in set(sub.metric)]
-    header = ["run", "model", "method", "seeds"] + [
-        f"{TITLES[c]} (paper)" if any(c in r for r in rows.values()) else TITLES[c] for c in cols]
+    published = {c for c in cols if any(c in r for r in rows.values())}
+    released = {row: run for row, run in table.released.items() if run in set(sub.run)}
+    header = ["run", "model", "method", "seeds"]
+    for c in cols:
+        if c in published and released:
+            header += [f"{TITLES[c]}: trained here (paper)", f"{TITLES[c]}: released ckpt here"]
+        else:
+            header.append(f"{TITLES[c]} (paper)" if c in published else TITLES[c])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for run in rows:
-        r = sub[sub.run == run].set_index("metric")
-        if r.empty:
+    for row in rows:
+        trained = sub[sub.run == row].set_index("metric")
+        adopted = sub[sub.run == released.get(row)].set_index("metric")
+        shown = trained if not trained.empty else adopted
+        if shown.empty:
             continue
-        cells = [run, r["model"].iloc[0], r["method"].iloc[0], str(int(r["seeds"].max()))]
+        name = row if not trained.empty else released[row]
+        cells = [name, shown["model"].iloc[0], shown["method"].iloc[0], str(int(shown["seeds"].max()))]
         for c in cols:
-            here, spread, paper_value = r["value"].get(c), r["spread"].get(c), r["paper_value"].get(c)
-            text = fmt(here) + ("" if missing(spread) or missing(here) or spread == 0 else f" ±{fmt(spread / 2)}")
-            cells.append(text if missing(paper_value) else f"{text} ({fmt(paper_value)})")
+            paper_value = shown["paper_value"].get(c)
+            if c in published and released:
+                text = _cell(trained, c) if not trained.empty else "–"
+                cells += [text if missing(paper_value) else f"{text} ({fmt(paper_value)})",
+                          _cell(adopted, c) if not adopted.empty else "–"]
+            else:
+                text = _cell(shown, c)
+                cells.append(text if missing(paper_value) else f"{text} ({fmt(paper_value)})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -261,11 +287,15 @@ def stage(params: dict) -> None:
     lines += [line for f in FRONT_PAGE_FIGURES for line in (f"![{f.caption}](plots/{f.notebook}.png)", "")]
     with atomic_path(out / "figures", is_dir=True) as figures:
         for paper in PAPERS:
-            rows, table = paper.rows(profile), paper.table
-            if not any(run in metrics for run in rows):
+            table = paper.table
+            shown = [run for row in paper.rows(profile) for run in (row, table.released.get(row)) if run in metrics]
+            if not shown:
                 continue
             note = table.default_note if profile in DEFAULT_PROFILES else \
                 f"Here: profile `{profile}` (settings and their sources: `conf/profile/{profile}.yaml`)."
+            if any(run in table.released.values() for run in shown):
+                note += (" `released ckpt here`: the authors' released checkpoint (run `<row>_released`), "
+                         "adopted as is (no training) and sampled and scored by this pipeline as the trained run is.")
             lines += [f"## {table.title}", "", table.paper_note + " " + note, "", paper_table(frame, paper, profile), ""]
             claims = claims_table(metrics, paper, speed)
             if claims.count("\n") > 1:
@@ -273,9 +303,9 @@ def stage(params: dict) -> None:
             lines += [f"![{f.caption}](plots/{f.notebook}.png)\n" for f in paper.figures]
             if paper.section and (section := paper.section(metrics, speed)):
                 lines += [section, ""]
-            for run in rows:
+            for run in shown:
                 grid = samples_dir(run) / "grid.png"
-                if run in metrics and grid.exists():
+                if grid.exists():
                     shutil.copy(grid, figures / f"samples-{run}.png")
                     lines.append(f"![{run}](figures/samples-{run}.png)")
             lines.append("")

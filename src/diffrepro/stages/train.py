@@ -3,7 +3,9 @@
 Checkpoints (model, EMA, optimizer, step) go to `checkpoints/<run>/` — outside DVC's outputs, so
 a killed stage resumes on the next `dvc repro`; the final weights appear in `models/<run>/` only
 when training is complete. With a `DIFFREPRO_TRAIN_SECONDS` budget the stage checkpoints and
-exits with status 75 when the budget is spent, and the next `dvc repro` resumes exactly.
+exits with status 75 when the budget is spent, and the next `dvc repro` resumes exactly. A run
+with a `release` trains no step: its weights are that release's official file, adopted when the
+Trainer is built, and train_metrics.json says which file (`adopted`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from diffrepro.config import run_params
 from diffrepro.errors import TrainingPaused, UserError
 from diffrepro.execution import compile_requested, train_seconds_budget
 from diffrepro.models.info import count_params
+from diffrepro.models.official_weights import release_url
 from diffrepro.paths import checkpoints_root, logs_dir, model_dir, pause_marker
 from diffrepro.runs import set_matmul_precision
 from diffrepro.training import Trainer
@@ -94,6 +97,10 @@ def stage(params: dict, run: str) -> None:
         "step_seconds": sum(timed) / max(1, len(timed)), "train_seconds": sum(step_times),
         "resumed_from_step": start,
     }
+    if cfg["release"]:  # adopted, not trained: which file, from where, and its sha256 (none is published)
+        metrics["adopted"] = {"release": cfg["release"], "file": cfg["init_from"],
+                              "url": release_url(cfg["release"], cfg["init_from"]),
+                              "sha256": fingerprint.file_digest(cfg["init_from"])}
     if trainer.pair_distance:
         metrics["mean_image_noise_distance"] = sum(map(float, trainer.pair_distance)) / len(trainer.pair_distance)
     config = {"run": run, "model": cfg["model"], "model_kwargs": trainer.model_kwargs,
