@@ -508,10 +508,13 @@ def test_a_run_adopts_each_release_through_its_own_strict_loader(fmt, tmp_path, 
 
 
 def test_a_known_file_name_gives_its_own_release_url():
-    assert ow.release_url("dimr", "models/DiMR-G_2R_800epochs.pth") == ow.OFFICIAL_URLS["DiMR-G/2R"]
-    assert ow.release_url("dit", "elsewhere/DiT-XL-2-512x512.pt") == ow.OFFICIAL_URLS["DiT-XL/2-512"]
-    assert ow.release_url("dimr", "models/renamed.pth") == ow.OFFICIAL_URLS["DiMR-XL/2R"]  # the release's first
-    assert set(ow.RELEASE_FILES.values()) <= set(ow.OFFICIAL_URLS)
+    from diffrepro import sources
+
+    assert sources.release_url("dimr", "models/DiMR-G_2R_800epochs.pth") == sources.OFFICIAL_URLS["DiMR-G/2R"]
+    assert sources.release_url("dit", "elsewhere/DiT-XL-2-512x512.pt") == sources.OFFICIAL_URLS["DiT-XL/2-512"]
+    assert sources.release_url("dimr", "models/renamed.pth") == sources.OFFICIAL_URLS["DiMR-XL/2R"]  # the release's
+    assert set(sources.RELEASE_FILES.values()) | set(sources.RELEASE_DEFAULT.values()) <= set(sources.OFFICIAL_URLS)
+    assert set(sources.RELEASE_DEFAULT) == set(ow.RELEASES)  # every release has a loader and a URL
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)

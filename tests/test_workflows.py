@@ -235,11 +235,11 @@ class Runner:
             raise NotImplementedError(action)
 
 
-def test_the_fanout_runs_every_stage_once_and_reports_every_run(tmp_path, monkeypatch, smoke_repo):
+def test_the_fanout_runs_every_stage_once_and_reports_every_run(tmp_path, monkeypatch, request):
     """On runners with two processes per computing stage (gloo, as two GPUs would): besides what the
     fan-out promises, the numbers equal those of the one-process `dvc exp run` (the session's smoke
-    repo) up to the order of floating-point reductions: same global batches, samples split across
-    the processes."""
+    repo, asked for only at the end: the fan-out does not wait for it to be built) up to the order of
+    floating-point reductions: same global batches, samples split across the processes."""
     monkeypatch.setenv("DIFFREPRO_NUM_PROCESSES", "2")  # every runner's environment
     origin = make_repo(tmp_path / "origin")
     for name in ("requirements.txt", "run.sh"):  # what the jobs' environment step reads
@@ -280,6 +280,7 @@ def test_the_fanout_runs_every_stage_once_and_reports_every_run(tmp_path, monkey
         assert any((machine.root / "state" / "dvc-cache").iterdir())
 
     assert "diffrepro.launch train dit" in logs["dit"]
+    smoke_repo = request.getfixturevalue("smoke_repo")
     for r in runs:
         one = json.loads((smoke_repo / "metrics" / "smoke" / f"{r}.json").read_text())
         both = json.loads((report.workspace / "metrics" / "smoke" / f"{r}.json").read_text())

@@ -24,10 +24,8 @@ from diffrepro.inputs import read_json, read_safetensors
 from diffrepro.models.autoencoder import to_uint8, to_unit_range
 from diffrepro.models.judge import Judge
 from diffrepro.paths import FEATURES
+from diffrepro.sources import INCEPTION_HELP
 
-INCEPTION_HELP = ("download pt_inception-2015-12-05-6726825d.pth from "
-                  "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/ "
-                  "(sha256 UNKNOWN: not published) and set features.inception_weights to its path")
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

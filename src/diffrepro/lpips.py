@@ -26,10 +26,8 @@ import torch
 
 from diffrepro.errors import UserError
 from diffrepro.models.autoencoder import to_unit_range
+from diffrepro.sources import ALEXNET_HELP
 
-ALEXNET_HELP = ("download https://download.pytorch.org/models/alexnet-owt-7be5be79.pth (torchvision "
-                "AlexNet_Weights.IMAGENET1K_V1; sha256 UNKNOWN, only its prefix 7be5be79 is in the name) "
-                "and set evaluate.alexnet_weights")
 
 
 def load_lpips(alexnet_weights: str) -> torch.nn.Module:

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 from diffrepro.errors import UserError
+from diffrepro.sources import (ALEXNET_HELP, INCEPTION_HELP, REFERENCE_URLS, SD_SUBFOLDERS, SD_V14_REPO, SD_VAE_HELP,
+                               release_url)
 
 
 def require_gpu(params: dict) -> None:
@@ -27,13 +29,6 @@ def require_gpu(params: dict) -> None:
 
 def required_weights(params: dict) -> list[tuple[Path, str]]:
     """(file or folder, where it comes from) of every pretrained file the profile's stages read."""
-    from diffrepro.features import INCEPTION_HELP
-    from diffrepro.lpips import ALEXNET_HELP
-    from diffrepro.models.autoencoder import SD_VAE_HELP
-    from diffrepro.models.official_weights import release_url
-    from diffrepro.models.sd_unet import SD_SUBFOLDERS, SD_V14_REPO
-    from diffrepro.reference_batch import REFERENCE_URLS
-
     needed = []
     if params["autoencoder"]["kind"] == "sd_vae":
         needed.append((Path(params["autoencoder"]["path"]) / "config.json", SD_VAE_HELP))

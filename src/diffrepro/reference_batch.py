@@ -22,10 +22,8 @@ from scipy.special import log_softmax
 from diffrepro.adm_npz import evaluator_order
 from diffrepro.errors import UserError
 from diffrepro.features import feature_statistics, frechet_distance, load_inception
+from diffrepro.sources import REFERENCE_URLS
 
-BASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/"
-REFERENCE_URLS = {"VIRTUAL_imagenet256_labeled.npz": BASE_URL + "256/VIRTUAL_imagenet256_labeled.npz",
-                  "VIRTUAL_imagenet512.npz": BASE_URL + "512/VIRTUAL_imagenet512.npz"}
 POOL_DIM = 2048
 
 

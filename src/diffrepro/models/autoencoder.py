@@ -15,8 +15,6 @@ import torch.nn.functional as F
 
 from diffrepro.errors import UserError
 
-SD_VAE_HELP = ("download the SD VAE (huggingface.co/stabilityai/sd-vae-ft-ema or -ft-mse: "
-               "config.json + diffusion_pytorch_model.safetensors) into that folder")
 
 
 def tiny_autoencoder(image_size: int, block_out_channels=(32, 64), latent_channels: int = 4,

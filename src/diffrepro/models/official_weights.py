@@ -34,17 +34,8 @@ import torch
 from diffrepro.errors import UserError
 from diffrepro.models.edm_unets import SongUNet
 from diffrepro.safe_unpickle import PickledObject, load_pickle, module_state_dict
+from diffrepro.sources import OFFICIAL_URLS, release_url
 
-OFFICIAL_URLS = {
-    "DiT-XL/2-256": "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt",
-    "DiT-XL/2-512": "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt",
-    "DiMR-XL/2R": "https://huggingface.co/QHL067/DiMR/resolve/main/DiMR-XL_2R_800epochs.pth",
-    "DiMR-G/2R": "https://huggingface.co/QHL067/DiMR/resolve/main/DiMR-G_2R_800epochs.pth",
-    "FineDiffusion-iNat": "https://drive.google.com/file/d/1BdwaIgSrAhI6qSuJkkSOtVrVNh-puNwC/view",
-    "FineDiffusion-iNat-512": "https://drive.google.com/file/d/1EjMxlp3GbBkiNf9ObtTzT7aiAwc3qoDf/view",
-    "FineDiffusion-VegFru": "https://drive.google.com/file/d/1YZm83UnNbYdM-sw1vBcacc8DUa7r7uD_/view",
-    "Patch-Diffusion": "https://huggingface.co/zhendongw/patch-diffusion/tree/main",
-}
 
 
 @dataclass(frozen=True)
@@ -315,27 +306,11 @@ def load_patch_diffusion(denoiser: torch.nn.Module, path: str | Path,
 # A run with `release` (schema.Release) adopts `init_from`, that release's official file, as its
 # weights instead of training (training.py); preflight.py names a missing file with its URL.
 
-RELEASES = {  # release → (its strict loader, the OFFICIAL_URLS entry of a file whose name is not below)
-    "dit": (load_dit, "DiT-XL/2-256"),
-    "finediffusion": (load_finediffusion, "FineDiffusion-iNat"),
-    "dimr": (load_dimr, "DiMR-XL/2R"),
-    "patch_diffusion": (load_patch_diffusion, "Patch-Diffusion"),
-}
-RELEASE_FILES = {  # the file names the profiles put in models/ → their OFFICIAL_URLS entry. The official
-    # names of the FineDiffusion 512 and VegFru files are UNKNOWN: those two names are chosen here.
-    "DiT-XL-2-256x256.pt": "DiT-XL/2-256", "DiT-XL-2-512x512.pt": "DiT-XL/2-512",
-    "FineDiffusion-iNat.pt": "FineDiffusion-iNat", "FineDiffusion-iNat-512.pt": "FineDiffusion-iNat-512",
-    "FineDiffusion-VegFru.pt": "FineDiffusion-VegFru",
-    "DiMR-XL_2R_800epochs.pth": "DiMR-XL/2R", "DiMR-G_2R_800epochs.pth": "DiMR-G/2R",
-}
-
-
-def release_url(release: str, path: str | Path) -> str:
-    """Where `path`, a file of `release`, is downloaded from."""
-    return OFFICIAL_URLS[RELEASE_FILES.get(Path(path).name, RELEASES[release][1])]
+RELEASES = {"dit": load_dit, "finediffusion": load_finediffusion, "dimr": load_dimr,  # release → its strict loader
+            "patch_diffusion": load_patch_diffusion}
 
 
 def adopt_release(release: str, network: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Load `path` into `network`, the network the run's noise process calls (EDM: the
     preconditioned denoiser), with the strict loader of `release`."""
-    return RELEASES[release][0](network, path, release_url(release, path))
+    return RELEASES[release](network, path, release_url(release, path))

@@ -26,9 +26,8 @@ from torch import nn
 from diffrepro.data import shards
 from diffrepro.errors import UserError
 from diffrepro.models.registry import register
+from diffrepro.sources import SD_V14_REPO
 
-SD_V14_REPO = "CompVis/stable-diffusion-v1-4"
-SD_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "unet")
 
 # unet/config.json of CompVis/stable-diffusion-v1-4, every field written out (most equal diffusers'
 # defaults, which the official scratch run relied on: it set only cross_attention_dim=768)

@@ -19,8 +19,8 @@ from tqdm import tqdm
 from diffrepro.atomic import atomic_path
 from diffrepro.data import shards
 from diffrepro.errors import UserError
-from diffrepro.models.autoencoder import (SD_VAE_HELP, kl_autoencoder_loss, latent_std, load_autoencoder,
-                                          tiny_autoencoder, to_unit_range)
+from diffrepro.sources import SD_VAE_HELP
+from diffrepro.models.autoencoder import kl_autoencoder_loss, latent_std, load_autoencoder, tiny_autoencoder, to_unit_range
 from diffrepro.paths import AUTOENCODER
 
 SD_SCALING_FACTOR = 0.18215

@@ -26,9 +26,9 @@ from diffrepro.config import run_params
 from diffrepro.errors import TrainingPaused, UserError
 from diffrepro.execution import compile_requested, train_seconds_budget
 from diffrepro.models.info import count_params
-from diffrepro.models.official_weights import release_url
 from diffrepro.paths import checkpoints_root, logs_dir, model_dir, pause_marker
 from diffrepro.runs import set_matmul_precision
+from diffrepro.sources import release_url
 from diffrepro.training import Trainer
 
 
