@@ -60,9 +60,13 @@ def _weights(workdir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_sigkill_then_resume_ends_bit_identical(workspace, tmp_path):
-    changes = {"steps": 400, "checkpoint_every": 20, "eval_at": []}
+    """The uninterrupted run in this process (one thread, as the stage processes here), the killed
+    and resumed one in stage processes: the kill lands between two checkpoints."""
+    from pipeline_repo import stage_in
+
+    changes = {"steps": 200, "checkpoint_every": 10, "eval_at": []}
     straight = _with_run(workspace, tmp_path / "straight", **changes)
-    _cli(straight, "train", "dit")
+    stage_in(straight, "train", "dit")
 
     killed = _with_run(workspace, tmp_path / "killed", **changes)
     proc = subprocess.Popen([sys.executable, "-m", "diffrepro", "train", "dit"], cwd=killed, env=_env(),
@@ -75,7 +79,7 @@ def test_sigkill_then_resume_ends_bit_identical(workspace, tmp_path):
     proc.wait()
     assert not (killed / "models" / "dit").exists(), "the run finished before it could be killed"
     resumed_from = torch.load(ckpt, weights_only=True)["step"]
-    assert 0 < resumed_from < 400
+    assert 0 < resumed_from < 200
     _cli(killed, "train", "dit")
     a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys()
