@@ -31,6 +31,9 @@ def test_the_committed_params_are_valid():
     (lambda p: p["runs"]["dit"].update(seed=1), "unknown key `runs.dit.seed`; known keys here: model, method"),
     (lambda p: p["sample"].update(seed_sets=0), "`sample.seed_sets` must be a positive integer, got 0"),
     (lambda p: p["runs"]["dit"].update(ema_decay=1.5), "`runs.dit.ema_decay` must be between 0 and 1, got 1.5"),
+    (lambda p: p["evaluate"].update(reference_batch="ref.npz"), "`evaluate.reference_batch` holds 2048-d Inception"),
+    (lambda p: (p["evaluate"].update(reference_batch="ref.npz"), p["features"].update(kind="inception", inception_dims=64)),
+     "needs `features.kind: inception` and `features.inception_dims: 2048`"),
 ])
 def test_bad_params_are_named(edit, message):
     params = copy.deepcopy(DEFAULT)

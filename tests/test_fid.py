@@ -51,6 +51,26 @@ def test_inception_loads_from_a_local_file_through_pytorch_fid(tmp_path):
     assert feats.shape == (2, 2048, 1, 1)
 
 
+def test_fewer_inception_dims_give_what_pytorch_fid_computes_from_image_files(tmp_path):
+    """`features.inception_dims` 64: FeatureNet's features of uint8 images equal pytorch-fid's own
+    `get_activations` on the same images as PNG files (its loading, scaling and spatial pooling)."""
+    from PIL import Image
+    from pytorch_fid.fid_score import get_activations
+    from diffrepro.features import FeatureNet
+
+    weights = tmp_path / "inception.pth"
+    torch.save(random_fid_inception_state(), weights)
+    images = np.random.default_rng(4).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    files = []
+    for i, image in enumerate(images):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(files[-1])
+    net = load_inception(str(weights), 64)
+    ours = FeatureNet("inception", inception=net)(images)["features"]
+    theirs = get_activations([str(f) for f in files], net, batch_size=2, dims=64, device="cpu", num_workers=0)
+    assert ours.shape == (2, 64) and np.allclose(ours, theirs, atol=1e-5)
+
+
 def test_missing_inception_weights_name_the_file_and_the_url(tmp_path):
     with pytest.raises(UserError, match="pt_inception-2015-12-05-6726825d.pth"):
         load_inception(str(tmp_path / "missing.pth"))

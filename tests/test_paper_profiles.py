@@ -49,7 +49,7 @@ def test_finediffusion_inat256_structure_runs_at_tiny_size(tmp_path, one_thread)
     params = compose("finediffusion_inat256", conf_dir=CONF)
     params["data"]["image_size"] = 16
     params["autoencoder"]["path"] = "models/sd-vae-ft-mse"
-    params["features"]["inception_weights"] = "models/inception.pth"
+    params["features"].update(inception_weights="models/inception.pth", inception_dims=64)  # a 64-d FID: fast sqrtm
     params["sample"].update(per_class=1, batch_size=8)
     params["runs"] = {run: params["runs"][run] for run in ("finediffusion", "full_finetune")}  # the report's: all
     for run in [params["pretrain"], *params["runs"].values()]:

@@ -135,7 +135,7 @@ def test_patch_celeba64_structure_runs_at_tiny_size_on_unpacked_celeba(tmp_path,
     params = compose("patch_celeba64", conf_dir=CONF)
     tiny = copy.deepcopy(params)
     tiny["data"]["image_size"] = 32  # LPIPS's AlexNet trunk needs at least 32 px
-    tiny["features"]["inception_weights"] = "models/inception.pth"
+    tiny["features"].update(inception_weights="models/inception.pth", inception_dims=64)  # a 64-d FID: fast sqrtm
     tiny["sample"].update(per_class=4, batch_size=4)
     budget, batch = 40, 4
     for run in [tiny["pretrain"], *tiny["runs"].values()]:

@@ -70,9 +70,11 @@ def _check_ranges(params: dict, source: str) -> None:
     for key in ("rounds", "steps"):
         if speed.get(key, 1) < 1:
             raise UserError(f"{source}: `speed.{key}` must be a positive integer, got {speed[key]}")
-    if params.get("evaluate", {}).get("reference_batch") and params.get("features", {}).get("kind") != "inception":
-        raise UserError(f"{source}: `evaluate.reference_batch` holds Inception statistics: it needs "
-                        f"`features.kind: inception`, got {params['features']['kind']!r}")
+    features = params.get("features", {})
+    if params.get("evaluate", {}).get("reference_batch") and (features.get("kind"), features.get("inception_dims")) \
+            != ("inception", 2048):
+        raise UserError(f"{source}: `evaluate.reference_batch` holds 2048-d Inception statistics: it needs "
+                        f"`features.kind: inception` and `features.inception_dims: 2048`")
     report_dir = params.get("report", {}).get("dir")
     if report_dir is not None and Path(report_dir) == DEFAULT_REPORT_DIR and params.get("profile") != "default":
         raise UserError(f"{source}: `report.dir` of profile {params.get('profile')!r} must not be "

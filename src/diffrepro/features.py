@@ -73,7 +73,8 @@ class FeatureNet:
     def load(cls, params: dict, device="cpu") -> "FeatureNet":
         cfg = params["features"]
         if cfg["kind"] == "inception":
-            return cls("inception", inception=load_inception(cfg["inception_weights"]), device=device)
+            return cls("inception", inception=load_inception(cfg["inception_weights"], cfg["inception_dims"]),
+                       device=device)
         judge = Judge(**read_json(FEATURES / "judge_config.json", "dvc repro features"))
         judge.load_state_dict(read_safetensors(FEATURES / "judge.safetensors", "dvc repro features"))
         return cls("judge", judge=judge.eval(), device=device)
@@ -82,8 +83,8 @@ class FeatureNet:
     def on_device(self, images_uint8) -> dict[str, torch.Tensor]:
         """One batch's {"features"} (+ the judge's {"fine_pred", "super_pred"}) on the net's device."""
         x = to_unit_range(images_uint8).to(self.device)
-        if self.kind == "inception":
-            return {"features": self.inception((x + 1) / 2)[0].flatten(1)}
+        if self.kind == "inception":  # blocks below the pool are averaged over space, as pytorch-fid does
+            return {"features": F.adaptive_avg_pool2d(self.inception((x + 1) / 2)[0], 1).flatten(1)}
         h = self.judge.features(x)
         return {"features": h, "fine_pred": self.judge.fine_head(h).argmax(1),
                 "super_pred": self.judge.super_head(h).argmax(1)}
@@ -97,8 +98,9 @@ class FeatureNet:
         return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def load_inception(weights_path: str):
-    """pytorch-fid's InceptionV3 (2048-d pool features) with weights from a LOCAL file."""
+def load_inception(weights_path: str, dims: int = 2048):
+    """pytorch-fid's InceptionV3 with weights from a LOCAL file, its output the block of `dims`
+    features (pytorch-fid's `--dims`: 2048 = the pool features every paper's FID uses)."""
     from pytorch_fid import inception as fid_inception
 
     path = Path(weights_path)
@@ -107,7 +109,7 @@ def load_inception(weights_path: str):
     original = fid_inception.load_state_dict_from_url
     fid_inception.load_state_dict_from_url = lambda *a, **k: torch.load(path, map_location="cpu", weights_only=True)
     try:
-        net = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]],
+        net = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[dims]],
                                         use_fid_inception=True)
     finally:
         fid_inception.load_state_dict_from_url = original

@@ -118,6 +118,7 @@ class Latents(Section):
 class Features(Section):
     kind: Literal["judge", "inception"]
     inception_weights: str
+    inception_dims: Literal[64, 192, 768, 2048]  # pytorch-fid's --dims; the papers' FID: 2048
     steps: Count
     batch_size: PositiveInt
     lr: Rate

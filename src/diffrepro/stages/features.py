@@ -68,7 +68,7 @@ def stage(params: dict) -> None:
                 (tmp / "judge_config.json").write_text(json.dumps(judge.config))
             net = FeatureNet("judge", judge=judge, device=accelerator.device)
         elif cfg["kind"] == "inception":
-            net = FeatureNet("inception", inception=load_inception(cfg["inception_weights"]), device=accelerator.device)
+            net = FeatureNet("inception", inception=load_inception(cfg["inception_weights"], cfg["inception_dims"]), device=accelerator.device)
         else:
             raise UserError(f"params.yaml: features.kind must be judge or inception, got {cfg['kind']!r}")
         reference = split_statistics(net, prepared / "train", accelerator=accelerator)
