@@ -35,8 +35,9 @@ case "$command" in
     dvc repro "$@"
     ;;
   test)
-    # One pytest-xdist worker per core (DIFFREPRO_TEST_WORKERS to change; 0 runs in this process).
-    python -m pytest -q -n "${DIFFREPRO_TEST_WORKERS:-$(nproc)}" tests "$@"
+    # One pytest-xdist worker per core (DIFFREPRO_TEST_WORKERS to change; 0 runs in this process);
+    # tests/conftest.py orders the tests for worksteal's two halves.
+    python -m pytest -q -n "${DIFFREPRO_TEST_WORKERS:-$(nproc)}" --dist worksteal tests "$@"
     ;;
   *)
     echo "usage: bash run.sh repro|test [extra args]" >&2

@@ -57,3 +57,24 @@ def smoke_repo(tmp_path_factory, worker_id) -> Path:
             run(repo, "dvc", "exp", "run", "-S", "profile=smoke")
             done.touch()
     return repo
+
+
+# The slow tests that need no smoke pipeline: at the head of the second worker's share.
+SLOW_WITHOUT_SMOKE = ("test_the_fanout_runs_every_stage_once", "structure_runs_at_tiny_size",
+                      "test_dimr_xl2r_profile_structure", "test_sampling_is_class_balanced",
+                      "test_two_processes_follow", "test_the_fanout_matrix")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order for `--dist worksteal` (run.sh test), which deals the first half of the list to one
+    worker and the second half to the other, and rebalances by stealing from the end of a queue:
+    the first worker builds the smoke pipeline and runs what needs it (no waiting on the lock),
+    the second starts with the slowest tests that need nothing; quick tests end both halves."""
+    if not getattr(config.option, "numprocesses", None):
+        return
+    smoke = [item for item in items if "smoke_repo" in item.fixturenames]
+    slow = [item for item in items if item not in smoke and any(s in item.nodeid for s in SLOW_WITHOUT_SMOKE)]
+    quick = [item for item in items if item not in smoke and item not in slow]
+    half = len(items) // 2
+    first = smoke + quick[:max(0, half - len(smoke))]
+    items[:] = first + slow + [item for item in quick if item not in first]

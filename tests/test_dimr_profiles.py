@@ -64,10 +64,11 @@ def test_dimr_profile_is_the_published_model_with_the_official_recipe(profile):
 
 
 @pytest.mark.parametrize("profile", PUBLISHED)
-def test_dit_baseline_is_dit_xl2_with_dits_settings(profile):
-    run = compose(profile, conf_dir=CONF)["runs"]["dit"]
-    assert (run["model"], run["schedule"], run["lr"], run["weight_decay"], run["batch_size"], run["ema_decay"]) == \
-        ("DiT-XL/2", "linear", 1e-4, 0.0, 256, 0.9999)
+def test_dit_baseline_is_dits_release_sampled_with_dits_settings(profile):
+    runs = compose(profile, conf_dir=CONF)["runs"]
+    run = runs["dit_released"]
+    assert "dit" not in runs and (run["release"], run["steps"]) == ("dit", 0)  # adopted, never retrained
+    assert (run["model"], run["schedule"]) == ("DiT-XL/2", "linear")
     assert (run["sampler"], run["sample_steps"], run["guidance_scale"], run["guided_channels"]) == ("ddpm", 250, 1.5, 3)
     info = _counts(run)
     assert info["params"] == 675_129_632 and info["gmacs"] == pytest.approx(118.6, rel=0.01)

@@ -176,7 +176,7 @@ def test_speed_pairs_are_timed_interleaved_and_their_ratios_agree_with_each_othe
     real_round = speed.timed_round
     monkeypatch.setattr(speed, "timed_round", lambda t, first, steps: order.append((t.run, first)) or
                         real_round(t, first, steps))
-    speed.speed_stage(params)
+    speed.stage(params)
     result = json.loads(speed_file(params).read_text())
     assert result["params_sha256"] == fingerprint.speed(params, speed_pairs(params))
     pair = result["pairs"]["finediffusion_vs_full_finetune"]
@@ -202,7 +202,8 @@ def test_the_loop_and_the_sampler_call_only_hooks_the_base_method_declares():
     from diffrepro.methods.base import Method
 
     get_method("dit")  # imports every method module
-    sources = [(ROOT / "src" / "diffrepro" / f).read_text() for f in ("train.py", "sample.py", "runs.py")]
+    sources = [(ROOT / "src" / "diffrepro" / f).read_text() for f in ("training.py", "sampling.py", "runs.py",
+                                                                    "stages/train.py", "stages/sample.py")]
     called = {name for text in sources for name in re.findall(r"\bmethod\.(\w+)", text)}
     assert {"plan_step", "transform_batch", "sampling_kwargs", "eps_loss", "coordinate_channels"} <= called
     assert called <= set(dir(Method))

@@ -173,9 +173,14 @@ def speed_rows(speed: dict, claims: tuple[SpeedClaim, ...]) -> list[tuple[SpeedC
     return [(c, pairs[c.pair][c.measure]) for c in claims if c.pair in pairs]
 
 
-def _claim_seeds(metrics: dict[str, dict], claim: Claim) -> tuple[list[float], list[float]]:
-    """The claim's metric on each seed of its method and of its baseline."""
-    return seed_values(metrics, claim.method, claim.metric), seed_values(metrics, claim.baseline, claim.metric)
+def _claim_seeds(metrics: dict[str, dict], claim: Claim,
+                 released: dict[str, str]) -> tuple[list[float], list[float]]:
+    """The claim's metric on each seed of its method and of its baseline; a side the profile does not
+    train (DiMR's DiT baseline) is its released checkpoint (`released`: the table's row → run)."""
+    def side(run: str) -> list[float]:
+        return seed_values(metrics, run if run in metrics else released.get(run, run), claim.metric)
+
+    return side(claim.method), side(claim.baseline)
 
 
 def claims_summary(metrics: dict[str, dict], profile: str, speed: dict | None = None) -> str:
@@ -185,7 +190,7 @@ def claims_summary(metrics: dict[str, dict], profile: str, speed: dict | None = 
     for paper in PAPERS:
         rows = paper.rows(profile)
         for claim in paper.claims:
-            a, b = _claim_seeds(metrics, claim)
+            a, b = _claim_seeds(metrics, claim, paper.table.released)
             if not a or not b:
                 continue
             published = [rows.get(run, {}).get(claim.metric) for run in (claim.method, claim.baseline)]
@@ -203,7 +208,7 @@ def claims_summary(metrics: dict[str, dict], profile: str, speed: dict | None = 
 def claims_table(metrics: dict[str, dict], paper: Paper, speed: dict | None = None) -> str:
     lines = ["| claim | here: method vs baseline (mean over seeds) | direction | verdict |", "|---|---|---|---|"]
     for claim in paper.claims:
-        a, b = _claim_seeds(metrics, claim)
+        a, b = _claim_seeds(metrics, claim, paper.table.released)
         if not a or not b:
             continue
         mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
