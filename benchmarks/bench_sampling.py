@@ -99,8 +99,8 @@ def section(params: dict) -> list[str]:
     rows = []
     if "dit" in params["runs"]:
         rows += bench_gaussian(params, "dit", batch)
-    if "edm" in params["runs"]:
-        rows += bench_edm(params, "edm", batch)
+    if "edm_small" in params["runs"]:
+        rows += bench_edm(params, "edm_small", batch)
     lines = ["## Sampling throughput per sampler", "",
              f"One batch of {batch} (the sample stage's batch) with each run's steps and guidance; "
              "images/s include the VAE decode (latent runs). Overhead: the sampler's time per network "

@@ -19,7 +19,7 @@ from diffrepro.methods.immiscible import make_assigner
 from diffrepro.training import Trainer
 from timing import timed
 
-RUNS = ("dit", "dimr", "finediffusion", "full_finetune", "edm", "patch", "immiscible")
+RUNS = ("dit", "dimr", "finediffusion", "full_finetune", "edm_small", "patch_small", "immiscible")
 STEPS, WARMUP = 20, 5
 
 
@@ -70,8 +70,8 @@ def section(params: dict, peak: float) -> list[str]:
     if "finediffusion" in results and "full_finetune" in results:
         ratio = results["full_finetune"]["step_s"] / results["finediffusion"]["step_s"]
         lines.append(f"| FineDiffusion vs full fine-tuning, step-time speed-up | {ratio:.2f}× | 1.56× |")
-    if "patch" in results and "edm" in results:
-        ratio = results["patch"]["images_per_s"] / results["edm"]["images_per_s"]
+    if "patch_small" in results and "edm_small" in results:
+        ratio = results["patch_small"]["images_per_s"] / results["edm_small"]["images_per_s"]
         lines.append(f"| Patch Diffusion vs EDM, images/s | {ratio:.2f}× | ~2× |")
     if "immiscible" in results:
         shape = results["immiscible"]["data_shape"]

@@ -40,7 +40,7 @@ def required_inputs(params: dict) -> list[Path]:
     for run in bench_train_step.RUNS:
         if run in runs:
             paths += [Path(runs[run]["data"]), Path(runs[run]["init_from"])]
-    paths += [Path("models") / run for run in ("dit", "edm") if run in runs]
+    paths += [Path("models") / run for run in ("dit", "edm_small") if run in runs]
     return list(dict.fromkeys(paths))
 
 

@@ -65,3 +65,21 @@ def test_latent_set_draws_fresh_scaled_posterior_samples(tmp_path):
 def test_uint8_round_trip_of_the_pixel_range():
     images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
     assert np.array_equal(to_uint8(to_unit_range(images)), images)
+
+
+def test_images_per_class_keeps_the_first_k_records_of_every_class(tmp_path):
+    from diffrepro.runs import ImageSet, PerClassSubset
+
+    labels = np.array([2, 0, 2, 1, 0, 2, 1, 0, 0, 2])  # classes interleaved, unequal counts (4, 2, 4)
+    images = np.zeros((10, 4, 4, 3), np.uint8)
+    images[:, 0, 0, 0] = np.arange(10) * 20  # each image shows its record index
+    shards.write_split(tmp_path / "train", images, labels, labels // 2)
+    full = ImageSet(tmp_path / "train")
+    subset = PerClassSubset(full, 2, "train")
+    assert subset.keep.tolist() == [0, 1, 2, 3, 4, 6]  # class 0: 1, 4; class 1: 3, 6; class 2: 0, 2
+    assert subset.labels.tolist() == [2, 0, 2, 1, 0, 1] and subset.super_labels.tolist() == [1, 0, 1, 0, 0, 0]
+    drawn = subset.sample_batch(torch.arange(6), torch.Generator().manual_seed(0))
+    corner = torch.maximum(drawn[:, 0, 0, 0], drawn[:, 0, 0, -1])  # the flip may move the pixel
+    assert torch.allclose((corner + 1) / 2 * 255 / 20, subset.keep.double().float(), atol=0.05)
+    with pytest.raises(UserError, match="images_per_class 3 exceeds the 2 records"):
+        PerClassSubset(full, 3, "train")

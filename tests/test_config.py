@@ -210,7 +210,7 @@ def _readme_overrides() -> list[str]:
     for line in (ROOT / "README.md").read_text().splitlines():
         if not line.lstrip().startswith("dvc exp run"):
             continue
-        words = shlex.split(line.split("#")[0])
+        words = shlex.split(line.split("#")[0].rstrip().removesuffix("\\"))
         for flag, value in zip(words, words[1:]):
             if flag == "-S" and not value.startswith("profile="):
                 key, values = value.split("=", 1)

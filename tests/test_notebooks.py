@@ -157,19 +157,18 @@ def test_quality_curve_appends_the_final_model_and_orders_by_step():
     assert curve["hue_error_deg"].isna().all()
 
 
-def test_speedups_are_baseline_time_over_method_time():
-    def m(**train):
-        return {"train": train}
+def test_speedups_are_the_speed_stages_interleaved_ratios():
+    def ratio(median):
+        return {"median": median, "min": median - 0.1, "max": median + 0.1, "rounds": [median]}
 
-    metrics = {"full_finetune": m(step_seconds=0.3), "finediffusion": m(step_seconds=0.2),
-               "difffit": m(step_seconds=0.6), "edm": m(train_seconds=100.0, images_seen=1000),
-               "patch": m(train_seconds=40.0, images_seen=1600)}
-    bars = figures.speedups(metrics)
-    assert bars["finediffusion"] == pytest.approx({"finediffusion": 1.5, "difffit": 0.5})
-    # EDM 0.1 s/image, Patch 0.025 s/image
-    assert bars["patch"] == pytest.approx({"wall-clock to the image budget": 2.5, "per image": 4.0})
-    assert figures.speedups({"finediffusion": m(step_seconds=0.2), "patch": m()}) == {"finediffusion": {},
-                                                                                       "patch": {}}
+    speed = {"pairs": {"finediffusion_vs_full_finetune": {"per_step": ratio(1.5), "to_budget": ratio(9.0)},
+                       "difffit_vs_full_finetune": {"per_step": ratio(0.5)},
+                       "patch_small_vs_edm_small": {"per_step": ratio(1.2), "per_image": ratio(4.0),
+                                                    "to_budget": ratio(2.5)}}}
+    bars = figures.speedups(speed)
+    assert bars["finediffusion"] == {"finediffusion": ratio(1.5), "difffit": ratio(0.5)}  # per step, not to budget
+    assert bars["patch"] == {"patch_small: to the image budget": ratio(2.5), "patch_small: per image": ratio(4.0)}
+    assert figures.speedups({}) == {"finediffusion": {}, "patch": {}}
     assert finediffusion.SPEEDUP == 1.56  # the papers' numbers the figure draws
     assert patch_diffusion.WALL_CLOCK_SPEEDUP == pytest.approx(48.5 / 24.6)
 

@@ -47,9 +47,9 @@ def test_replicates_are_the_run_and_its_seed_runs_in_seed_order():
     ([10.0], [20.0, 21.0], "inconclusive"),        # one seed on one side
 ])
 def test_verdict_compares_the_difference_of_means_with_the_larger_seed_range(method, baseline, expected):
-    assert report.verdict(method, baseline, lower_is_better=True).startswith(expected)
+    assert results.verdict(method, baseline, lower_is_better=True).startswith(expected)
     flipped = {"held": "not held", "not held": "held"}.get(expected, expected)
-    assert report.verdict(method, baseline, lower_is_better=False).startswith(flipped)
+    assert results.verdict(method, baseline, lower_is_better=False).startswith(flipped)
 
 
 def test_frame_reports_mean_and_range_over_seeds():
@@ -163,3 +163,20 @@ def test_a_papers_declaration_is_complete_and_consistent(paper):
 
 def test_papers_have_distinct_keys_and_titles():
     assert len({p.key for p in PAPERS}) == len({p.table.title for p in PAPERS}) == len(PAPERS)
+
+
+def _table_after(text: str, heading: str) -> list[str]:
+    """The markdown table that follows `heading` (its first run of `|` lines)."""
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def test_the_readme_opens_with_the_default_reports_claims_table():
+    """The front page's table is the committed report's (`dvc repro` regenerates it; copy it on change)."""
+    readme, results_md = (ROOT / "README.md").read_text(), (ROOT / "reports" / "results.md").read_text()
+    ours = _table_after(results_md, "## Claims at a glance")
+    assert results_md.index("## Claims at a glance") < results_md.index("## Shared stages")
+    assert _table_after(readme, "<!-- claims: the table of reports/results.md -->") == ours
+    assert readme.index("<!-- claims:") < readme.index("## What `dvc repro` runs")

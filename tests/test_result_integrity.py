@@ -59,8 +59,8 @@ def _one_error_line(capsys, work: Path, *args: str) -> str:
 
 # --- 1. the report: one profile's runs, produced under params.yaml ------------------------------
 
-DEFAULT_ONLY = ("full_finetune", "bitfit", "difffit", "dimr", "edm", "patch", "edm_small", "patch_small",
-                "immiscible", "vanilla_ft", "immiscible_ft")
+DEFAULT_ONLY = ("full_finetune", "bitfit", "difffit", "dimr", "edm_small", "patch_small", "immiscible",
+                "immiscible_ft")
 
 
 @pytest.fixture

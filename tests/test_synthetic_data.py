@@ -8,7 +8,7 @@ from diffrepro.data import shards
 from diffrepro.stages.prepare import prepare_synthetic
 
 CFG = {"num_super": 8, "base_per_family": 2, "images_per_class": 3, "heldout_per_class": 2,
-       "base_images_per_class": 2, "small_subset_per_class": 1}
+       "base_images_per_class": 2}
 
 
 def test_class_structure_is_fine_grained():
@@ -30,7 +30,7 @@ def test_same_seed_same_bytes_and_other_seed_other_bytes(size, tmp_path):
     prepare_synthetic(7, size, CFG, tmp_path / "a")
     prepare_synthetic(7, size, CFG, tmp_path / "b")
     prepare_synthetic(8, size, CFG, tmp_path / "c")
-    for split in ("train", "heldout", "train_small", "base"):
+    for split in ("train", "heldout", "base"):
         a = (tmp_path / "a" / split / "shard-00000.images.npy").read_bytes()
         assert a == (tmp_path / "b" / split / "shard-00000.images.npy").read_bytes()
         assert a != (tmp_path / "c" / split / "shard-00000.images.npy").read_bytes()

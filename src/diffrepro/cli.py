@@ -1,4 +1,5 @@
-"""`python -m diffrepro <stage> [...]`: the entry point of every DVC stage, plus `info MODEL`.
+"""`python -m diffrepro <stage> [...]`: the entry point of every DVC stage, plus `info MODEL`,
+`params`, `adm-npz RUN` and `regimes`.
 
 Each stage reads params.yaml itself (only its own section); errors that a user can fix (a full
 disk included) are printed as one line and exit with status 2. A stage that succeeds records its
@@ -118,6 +119,13 @@ def _adm_npz(args) -> None:
     print(write_adm_npz(samples_dir(args.run) / "final.npz", out))
 
 
+def _regimes(args) -> None:
+    from diffrepro.config import load_params
+    from diffrepro.regimes import main
+
+    main(load_params(args.params))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m diffrepro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     adm.add_argument("--out", default=None,
                      help="output .npz (default: checkpoints/RUN_adm_samples.npz, git-ignored)")
     adm.set_defaults(func=_adm_npz)
+    regimes = sub.add_parser("regimes", help="where each claim holds: its verdict at every value of a "
+                                             "`dvc exp` sweep of its regime variable (REPORT_DIR/regimes.md)")
+    regimes.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    regimes.set_defaults(func=_regimes)
     return parser
 
 

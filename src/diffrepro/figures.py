@@ -113,22 +113,28 @@ def quality_curve(metrics: dict) -> pd.DataFrame:
     return frame.astype({k: float for k in QUALITY_KEYS})
 
 
-def speedups(metrics: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Baseline time / method time (> 1: the method is faster), grouped as the two papers claim them.
+def load_speed(metrics_dir: str | Path) -> dict:
+    """The `speed` stage's interleaved measurements ({} before it has run)."""
+    path = Path(metrics_dir) / "speed.json"
+    return read_json(path, "dvc repro speed") if path.exists() else {}
 
-    FineDiffusion: seconds per step of full fine-tuning over each PEFT run's. Patch Diffusion:
-    EDM's wall-clock to the image budget over Patch's, and the same per image seen.
-    """
-    out: dict[str, dict[str, float]] = {"finediffusion": {}, "patch": {}}
-    if finediffusion.BASELINE in metrics:
-        base = metrics[finediffusion.BASELINE]["train"]["step_seconds"]
-        out["finediffusion"] = {r: base / metrics[r]["train"]["step_seconds"]
-                                for r in finediffusion.PEFT_RUNS if r in metrics}
-    if "edm" in metrics and "patch" in metrics:
-        edm, patch = metrics["edm"]["train"], metrics["patch"]["train"]
-        out["patch"] = {"wall-clock to the image budget": edm["train_seconds"] / patch["train_seconds"],
-                        "per image": (edm["train_seconds"] / edm["images_seen"])
-                        / (patch["train_seconds"] / patch["images_seen"])}
+
+def speedups(speed: dict) -> dict[str, dict[str, dict]]:
+    """The speed stage's ratios (median, min, max over interleaved rounds; > 1: the method is
+    faster), grouped as the two papers claim them: each PEFT run per step vs full fine-tuning;
+    patch-wise training vs EDM to the image budget and per image. Not the stages' own wall times:
+    those are taken at different moments, so the machine's load can flip them."""
+    pairs = speed.get("pairs", {})
+    out: dict[str, dict[str, dict]] = {"finediffusion": {}, "patch": {}}
+    for run in finediffusion.PEFT_RUNS:
+        pair = pairs.get(f"{run}_vs_{finediffusion.BASELINE}")
+        if pair is not None:
+            out["finediffusion"][run] = pair["per_step"]
+    for method, baseline in patch_diffusion.PAIRS:
+        pair = pairs.get(f"{method}_vs_{baseline}")
+        if pair is not None:
+            out["patch"].update({f"{method}: to the image budget": pair["to_budget"],
+                                 f"{method}: per image": pair["per_image"]})
     return out
 
 
@@ -218,25 +224,28 @@ def plot_quality_vs_steps(metrics: dict[str, dict]):
     return fig
 
 
-def plot_speedups(bars: dict[str, dict[str, float]]):
+def plot_speedups(bars: dict[str, dict[str, dict]]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     fd_speedup, patch_speedup = finediffusion.SPEEDUP, patch_diffusion.WALL_CLOCK_SPEEDUP  # the papers'
     panels = (("finediffusion", f"FineDiffusion & PEFT vs {finediffusion.BASELINE} (s/step)", fd_speedup,
                f"paper: {fd_speedup:.2f}×", f"needs {finediffusion.BASELINE} and a PEFT run"),
               ("patch", "Patch Diffusion vs EDM", patch_speedup,
                f"paper: ≈{patch_speedup:.2f}× ({patch_diffusion.EDM_HOURS} h / {patch_diffusion.PATCH_HOURS} h)",
-               "needs edm and patch"))
+               "needs a patch run and its EDM baseline"))
     for ax, (group, title, paper, paper_label, missing) in zip(axes, panels):
         values = bars.get(group, {})
         ax.set_title(title, fontsize=10)
         if not values:
             _nothing(ax, f"no data: {missing}")
             continue
-        drawn = ax.bar(list(values), list(values.values()), color="tab:blue")
-        ax.bar_label(drawn, fmt="%.2f×", fontsize=8)
+        medians = [v["median"] for v in values.values()]
+        spread = [[m - v["min"] for m, v in zip(medians, values.values())],
+                  [v["max"] - m for m, v in zip(medians, values.values())]]
+        drawn = ax.bar(list(values), medians, yerr=spread, capsize=3, color="tab:blue")
+        ax.bar_label(drawn, fmt="%.2f×", fontsize=8, label_type="center", color="white")
         ax.axhline(paper, color="tab:red", linestyle="--", label=paper_label)
         ax.axhline(1.0, color="grey", linewidth=0.8, label="parity")
-        ax.set_ylim(0, 1.2 * max(paper, *values.values()))
+        ax.set_ylim(0, 1.2 * max(paper, *(v["max"] for v in values.values())))
         ax.set_ylabel("speed-up (baseline time / method time)")
         ax.tick_params(axis="x", labelsize=8)
         ax.legend(fontsize=8)

@@ -41,6 +41,17 @@ def steps_to_equal_fid(metrics: dict[str, dict], method: str, baseline: str) -> 
     return (reached[0], base[-1][0]) if reached else None
 
 
+def verdict(method: list[float], baseline: list[float], lower_is_better: bool) -> str:
+    """`held` / `not held` when the means differ by more than the larger seed range, else inconclusive."""
+    if len(method) < 2 or len(baseline) < 2:
+        return f"inconclusive at this scale ({min(len(method), len(baseline))} seed)"
+    a, b = sum(method) / len(method), sum(baseline) / len(baseline)
+    spread = max(max(method) - min(method), max(baseline) - min(baseline))
+    if abs(a - b) <= spread:
+        return f"inconclusive at this scale (|difference| {fmt(abs(a - b))} ≤ seed range {fmt(spread)})"
+    return "held" if (a < b) == lower_is_better else "not held"
+
+
 def missing(v) -> bool:
     return v is None or (isinstance(v, float) and pd.isna(v))
 

@@ -43,6 +43,33 @@ class ImageSet:
         return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
+class PerClassSubset:
+    """The first `k` records of each class of a training set.
+
+    Data-set size per class is the regime variable of two claims (FineDiffusion's few-shot
+    fine-tuning, Patch Diffusion's small data); as a run param, a sweep over it retrains only the
+    runs that set it, on the prepared data every run shares.
+    """
+
+    def __init__(self, data, k: int, where: str):
+        counts = torch.bincount(data.labels)
+        if int(counts[counts > 0].min()) < k:
+            raise UserError(f"{where}: images_per_class {k} exceeds the {int(counts[counts > 0].min())} "
+                            "records of the split's smallest class; lower it")
+        order = torch.argsort(data.labels, stable=True)
+        first_of_class = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order)) - first_of_class[data.labels[order]]
+        self.data, self.keep = data, torch.nonzero(rank < k).flatten()
+        self.labels, self.super_labels = data.labels[self.keep], data.super_labels[self.keep]
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def sample_batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.data.sample_batch(self.keep[index], generator)
+
+
 def training_set(cfg: dict):
     if cfg["space"] not in SPACES:
         raise UserError(f"params.yaml: run space must be one of {SPACES}, got {cfg['space']!r}")
@@ -53,6 +80,8 @@ def training_set(cfg: dict):
     data = LatentSet(split_dir) if cfg["space"] == "latent" else ImageSet(split_dir)
     if len(data) == 0:
         raise UserError(f"{split_dir} holds no records (empty data set)")
+    if cfg["images_per_class"] is not None:
+        return PerClassSubset(data, cfg["images_per_class"], f"{split_dir} (run param images_per_class)")
     return data
 
 

@@ -42,7 +42,8 @@ class Training(Section):
     data: str                # the folder the run trains on (a DVC dep)
     init_from: str           # a trained model folder to fine-tune, an official weight file, or the data (= scratch)
     release: Release | None  # init_from is this release's official file, adopted by its strict loader (steps 0)
-    split: str               # the prepared split it trains on (train | base | train_small)
+    split: str               # the prepared split it trains on (train | base)
+    images_per_class: PositiveInt | None  # only the first k records of each class (null: all)
     model_kwargs: dict[str, Any]
     method_kwargs: dict[str, Any]
     assignment: Assignment
@@ -86,7 +87,6 @@ class Synthetic(Section):
     images_per_class: PositiveInt
     heldout_per_class: PositiveInt
     base_images_per_class: PositiveInt
-    small_subset_per_class: PositiveInt
 
 
 class Data(Section):
@@ -166,6 +166,7 @@ class Params(Section):
     speed: Speed
     evaluate: Evaluate
     report: Report
+    regime: dict[str, Any]   # the claims' regime variables the runs interpolate (a sweep's -S target)
     pretrain: Run
     runs: dict[str, Run]
     train_runs: dict[str, Any]   # generated from `runs`: config.py checks they are its expansion

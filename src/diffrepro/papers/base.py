@@ -36,6 +36,16 @@ class SpeedClaim:
 
 
 @dataclass(frozen=True)
+class Regime:
+    """The variable a paper's claim depends on: `regime.<variable>` in params, read by the claim's
+    runs; a `dvc exp` sweep over it maps where the claim holds (`python -m diffrepro regimes`)."""
+    variable: str                # the key under `regime` in params.yaml
+    label: str                   # the axis label of its plot
+    claim: Claim                 # the claim whose verdict it moves
+    papers_side: str             # where the paper makes its claim, in words
+
+
+@dataclass(frozen=True)
 class Figure:
     notebook: str                # notebooks/<notebook>.ipynb draws <report.dir>/plots/<notebook>.png
     caption: str
@@ -54,6 +64,7 @@ class Paper:
     speed_pairs: tuple[tuple[str, str], ...] = ()
     figures: tuple[Figure, ...] = ()           # shown under the table
     speedup_baseline: str | None = None        # the `speedup` column: this run's step time / each run's
+    regime: Regime | None = None               # the claim's regime variable and its sweep
     section: Callable[[dict, dict], str] | None = None  # (metrics, speed) → markdown after the figures, "" for none
 
     def rows(self, profile: str) -> dict[str, dict]:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from diffrepro.atomic import atomic_path
 from diffrepro.data import shards, synthetic
 from diffrepro.errors import UserError
 
-SYNTHETIC_SPLITS = ("train", "heldout", "train_small", "base")
+SYNTHETIC_SPLITS = ("train", "heldout", "base")
 
 
 def stage(params: dict) -> None:
@@ -35,16 +34,11 @@ def stage(params: dict) -> None:
 
 def prepare_synthetic(seed: int, image_size: int, cfg: dict, out_dir: Path) -> None:
     """Render every split of the synthetic set into `out_dir` (shards + classes.json)."""
-    if cfg["small_subset_per_class"] > cfg["images_per_class"]:
-        raise UserError("params.yaml: `data.synthetic.small_subset_per_class` must not exceed "
-                        "`images_per_class`")
     table = synthetic.class_table(cfg["num_super"], cfg["base_per_family"])
     families = table["super_classes"]
     train = synthetic.generate_split(table["classes"], families, cfg["images_per_class"], image_size, seed, "train")
     heldout = synthetic.generate_split(table["classes"], families, cfg["heldout_per_class"], image_size, seed, "heldout")
     base = synthetic.generate_split(table["base_classes"], families, cfg["base_images_per_class"], image_size, seed, "base")
-    per_class = np.arange(len(train[1])) % cfg["images_per_class"]
-    small = tuple(a[per_class < cfg["small_subset_per_class"]] for a in train)
-    for name, split in zip(SYNTHETIC_SPLITS, (train, heldout, small, base)):
+    for name, split in zip(SYNTHETIC_SPLITS, (train, heldout, base)):
         shards.write_split(out_dir / name, *split)
     shards.write_classes(out_dir, {**table, "image_size": image_size, "seed": seed})
