@@ -73,7 +73,7 @@ def test_a_typo_in_a_sections_kind_is_refused(section, typo):
 
 
 def test_a_sampler_of_the_other_diffusion_is_refused_not_silently_replaced():
-    for run, sampler in (("edm", "ddim"), ("dit", "heun")):
+    for run, sampler in (("edm_small", "ddim"), ("dit", "heun")):
         params = copy.deepcopy(DEFAULT)
         params["runs"][run]["sampler"] = sampler
         with pytest.raises(UserError, match=f"`runs.{run}.sampler` must be one of"):
@@ -108,11 +108,11 @@ def test_the_closed_choices_are_exactly_what_the_code_implements():
 def test_a_released_checkpoint_is_adopted_not_trained():
     """A run with a `release` trains 0 steps (the cross-field rule), named in one line."""
     params = copy.deepcopy(DEFAULT)
-    params["runs"]["dit"].update(release="dit", init_from="models/DiT-XL-2-256x256.pt")  # steps: 2000
+    params["runs"]["dit"].update(release="dit", init_from="models/DiT-XL-2-256x256.pt")  # steps: 1000
     with pytest.raises(UserError) as err:
         validate(params)
     assert str(err.value) == ("params.yaml: `runs.dit.steps` must be 0: the run adopts the dit release "
-                              "(`runs.dit.release`) as is, got 2000")
+                              "(`runs.dit.release`) as is, got 1000")
     params["runs"]["dit"].update(steps=0, eval_at=[])
     params["train_runs"], params["sample_runs"] = expand(params["runs"])
     validate(params)

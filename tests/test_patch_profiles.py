@@ -33,7 +33,7 @@ def _recipe(images_per_step: float, dropout: float, method: str, method_kwargs: 
     """One run of EDM's 64 px DDPM++ recipe, its image quantities converted to optimizer steps."""
     return {"model": "ddpmpp", "method": method, "diffusion": "edm", "schedule": "linear", "space": "pixel",
             "data": "data/prepared", "init_from": "data/prepared", "release": None, "split": "train",
-            "model_kwargs": {"num_classes": None, "dropout": dropout},  # --cond=0
+            "images_per_class": None, "model_kwargs": {"num_classes": None, "dropout": dropout},  # --cond=0
             "method_kwargs": method_kwargs, "assignment": "none",
             "steps": round(BUDGET / images_per_step), "batch_size": BATCH, "lr": 2e-4, "weight_decay": 0.0,
             "betas": [0.9, 0.999], "warmup_steps": int(LR_RAMP / images_per_step + 0.5),

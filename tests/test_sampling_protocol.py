@@ -33,7 +33,7 @@ DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 @pytest.mark.parametrize("section, key", [("runs.dit", "guidance_power"), ("pretrain", "guidance_schedule"),
-                                          ("runs.edm", "seeds")])
+                                          ("runs.edm_small", "seeds")])
 def test_a_run_missing_a_key_is_named(section, key):
     params = copy.deepcopy(DEFAULT)
     run = params["pretrain"] if section == "pretrain" else params["runs"][section.split(".")[1]]

@@ -4,7 +4,7 @@ A paper's `Regime` (papers/<paper>.py) names a variable under `regime:` in param
 runs of one claim read (FineDiffusion: fine-tuning images per class; Patch Diffusion: training
 images per class). A sweep trains and scores the claim's two runs, two seeds or more, at other values:
 
-    dvc exp run --queue -S 'regime.finetune_images_per_class=8,60,120' \\
+    dvc exp run --queue -S 'regime.finetune_images_per_class=8,120' \\
         evaluate@finediffusion evaluate@finediffusion_seed1 evaluate@full_finetune evaluate@full_finetune_seed1
     dvc queue start   # then wait for `dvc queue status`
 
