@@ -60,6 +60,7 @@ def test_sweep_points_verdicts_and_the_stale_copies_skipped(tmp_path, monkeypatc
     _experiment(repo, "some", some, {FD: [16.0, 17.0, 16.5], FULL: [16.2, 16.8, 16.4]})  # inside the spread
     many = compose("default", ("regime.finetune_images_per_class=120",))
     _experiment(repo, "many", many, {FD: [10.0, 10.1, 10.2], FULL: [30.0, 30.0, 30.0]}, stale=(FULL,))
+    _git(repo, "update-ref", "refs/exps/celery/stash", "HEAD")  # DVC's queue: not an experiment
     monkeypatch.chdir(repo)
 
     found = regimes.snapshots()

@@ -52,7 +52,8 @@ def experiment_refs() -> list[str]:
     """Every experiment DVC has committed in this repository (newest first)."""
     done = subprocess.run(["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname)", "refs/exps/"],
                           capture_output=True, text=True, check=True)
-    return [line for line in done.stdout.splitlines() if line]
+    # refs/exps/<2 hex>/<38 hex of the baseline>/<name>; the queue's own refs (celery, stash) are not experiments
+    return [ref for ref in done.stdout.splitlines() if len(ref.split("/")) == 5 and ref.split("/")[2] != "celery"]
 
 
 def snapshots() -> list[tuple[str, dict, dict[str, dict]]]:
