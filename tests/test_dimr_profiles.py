@@ -91,7 +91,7 @@ def workspace(tmp_path_factory) -> Path:
     params = compose("dimr_xl2r_imagenet256", conf_dir=CONF)
     params["data"]["image_size"] = 32
     params["features"]["inception_weights"] = "models/inception.pth"
-    params["sample"].update(per_class=1, batch_size=8)
+    params["sample"].update(per_class=2, batch_size=8)  # 6 samples: precision/recall need > 3
     params["runs"] = {"dimr": params["runs"]["dimr"]}  # the run the report here is made of
     for run in (params["pretrain"], params["runs"]["dimr"]):
         run.update(model="DiMR-mini/2R", steps=min(run["steps"], 2), batch_size=4, sample_steps=3, bf16=False)
@@ -102,8 +102,9 @@ def workspace(tmp_path_factory) -> Path:
     vae.save_pretrained(work / "models" / "sd-vae-ft-ema")
     torch.save(random_fid_inception_state(), work / "models" / "inception.pth")
     save_random_lpips_weights(work / "models")
-    np.savez(work / "models" / "VIRTUAL_imagenet256_labeled.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8),
-             mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(7), sigma_s=np.eye(7))  # the official keys
+    arr_0 = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.savez(work / "models" / "VIRTUAL_imagenet256_labeled.npz", arr_0=arr_0, mu=np.zeros(2048), sigma=np.eye(2048),
+             mu_s=np.zeros(2023), sigma_s=np.eye(2023))  # the official keys and shapes
     for stage in ("prepare", "autoencoder", "extract-latents", "features"):
         stage_in(work, stage)
     stage_in(work, "train", "pretrain")
@@ -126,8 +127,9 @@ def test_dimr_xl2r_profile_structure_runs_at_tiny_size_and_exports_the_adm_npz(w
     assert (config["model_kwargs"]["num_classes"], config["model_kwargs"]["input_size"]) == (3, 4)  # 32 px / 8
     assert json.loads((workspace / "models" / "pretrain" / "train_metrics.json").read_text())["steps"] == 0
     metrics = json.loads((workspace / "metrics" / "dimr_xl2r_imagenet256" / "dimr.json").read_text())
-    assert metrics["num_samples"] == 3 and metrics["sampling"]["sampler"] == "dpm_solver"
+    assert metrics["num_samples"] == 6 and metrics["sampling"]["sampler"] == "dpm_solver"
     assert metrics["fid_reference_batch"] > 0 and 1 <= metrics["inception_score"] <= 1008  # the ADM protocol ran
+    assert metrics["sfid_reference_batch"] > 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert "DiMR" in (workspace / "reports" / "dimr_xl2r_imagenet256" / "results.md").read_text()
 
     with np.load(workspace / "samples" / "dimr" / "final.npz") as npz:
@@ -135,9 +137,9 @@ def test_dimr_xl2r_profile_structure_runs_at_tiny_size_and_exports_the_adm_npz(w
     with np.load(workspace / "checkpoints" / "dimr_adm_samples.npz") as adm:
         assert sorted(adm.files) == ["arr_0", "arr_1"]
         arr_0, arr_1 = adm["arr_0"], adm["arr_1"]
-    assert arr_0.dtype == np.uint8 and arr_0.shape == (3, 32, 32, 3)
-    order = evaluator_order(3)
-    assert sorted(order.tolist()) == [0, 1, 2] and labels.tolist() == [0, 1, 2]
+    assert arr_0.dtype == np.uint8 and arr_0.shape == (6, 32, 32, 3)
+    order = evaluator_order(6)
+    assert sorted(order.tolist()) == list(range(6)) and sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
     assert np.array_equal(arr_0, images[order]) and arr_1.tolist() == labels[order].tolist()
 
 

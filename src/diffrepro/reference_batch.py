@@ -1,5 +1,6 @@
-"""The ADM evaluator's ImageNet protocol with pytorch-fid's Inception: FID against the statistics
-stored in a reference batch (`VIRTUAL_imagenet256_labeled.npz`), and the Inception Score.
+"""The ADM evaluator's ImageNet protocol with pytorch-fid's Inception: FID and sFID against the
+statistics stored in a reference batch (`VIRTUAL_imagenet256_labeled.npz`), the Inception Score,
+and precision / recall against the batch's 10,000 images (torch-fidelity's k-NN manifolds).
 
 openai/guided-diffusion `evaluations/evaluator.py` (the FID / IS behind the papers' ImageNet
 tables) runs the TF graph `classify_image_graph_def.pb`. pytorch-fid's port of
@@ -12,6 +13,7 @@ evaluator itself on `python -m diffrepro adm-npz <run>`.
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +27,16 @@ from diffrepro.features import feature_statistics, frechet_distance, load_incept
 from diffrepro.sources import REFERENCE_URLS
 
 POOL_DIM = 2048
+SPATIAL_CHANNELS = 7  # the evaluator keeps mixed_6/conv[..., :7]: 17 × 17 × 7 = 2023 features
+PR_NEIGHBOURS = 3  # the evaluator's ManifoldEstimator nhood_sizes=(3,)
+BATCH_SIZE = 64  # the evaluator's Inception batch
 
 
 @dataclass(frozen=True)
 class ReferenceStats:
     """A reference batch's stored statistics (float64). `mu`/`sigma`: pool_3 features over the whole
     data set (not over the 10,000 images of `arr_0`, which are there for precision/recall).
-    `mu_s`/`sigma_s`: the graph's mixed_6/conv spatial features, for sFID, which pytorch-fid's port
-    does not expose; kept so the file is read once, None where the file has none."""
+    `mu_s`/`sigma_s`: the graph's mixed_6/conv spatial features (sFID), None where the file has none."""
     mu: np.ndarray
     sigma: np.ndarray
     mu_s: np.ndarray | None = None
@@ -80,14 +84,58 @@ def read_reference_batch(path: str | Path) -> ReferenceStats:
         raise UserError(f"{path} is truncated or corrupt ({type(err).__name__}): {hint}") from None
 
 
-def reference_fid(sample_pool_features: np.ndarray, ref: ReferenceStats) -> float:
-    """FID of samples' 2048-d pool features against the stored (mu, sigma), as the evaluator's
+def reference_fid(sample_pool_features: np.ndarray, ref: ReferenceStats, spatial: bool = False) -> float:
+    """FID of samples' 2048-d pool features against the stored (mu, sigma) — or, `spatial`, sFID of
+    their 2023-d mixed_6/conv features against (mu_s, sigma_s) — as the evaluator's
     `sample_stats.frechet_distance(ref_stats)` with the sample statistics from np.mean / np.cov."""
+    mu, sigma = (ref.mu_s, ref.sigma_s) if spatial else (ref.mu, ref.sigma)
     features = np.asarray(sample_pool_features)
-    if features.ndim != 2 or features.shape[1] != ref.mu.shape[0]:
-        raise UserError(f"sample features are {features.shape}, not (N, {ref.mu.shape[0]}): the reference "
-                        "batch's statistics are Inception pool_3 features (features.kind: inception)")
-    return frechet_distance(feature_statistics(features), (ref.mu, ref.sigma))
+    if features.ndim != 2 or features.shape[1] != mu.shape[0]:
+        raise UserError(f"sample features are {features.shape}, not (N, {mu.shape[0]}): the reference "
+                        f"batch's statistics are Inception {'mixed_6/conv' if spatial else 'pool_3'} features "
+                        "(features.kind: inception)")
+    return frechet_distance(feature_statistics(features), (mu, sigma))
+
+
+def precision_recall(sample_pool_features: np.ndarray, reference_pool_features: np.ndarray) -> dict:
+    """Improved precision / recall (Kynkäänniemi et al. 2019) as the evaluator's `compute_prec_recall`:
+    each set's manifold is the union of balls reaching every feature's 3rd nearest neighbour;
+    precision = the share of samples inside the reference's manifold, recall = the share of
+    reference images inside the samples'. Computed by torch-fidelity (Euclidean distances in
+    float32, where the evaluator compares squared distances in float16 with a float32 fallback)."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    smallest = min(len(sample_pool_features), len(reference_pool_features))
+    if smallest <= PR_NEIGHBOURS:
+        raise UserError(f"precision/recall need more than {PR_NEIGHBOURS} images in each set (each ball reaches "
+                        f"the {PR_NEIGHBOURS}rd nearest neighbour): got {len(sample_pool_features)} samples and "
+                        f"{len(reference_pool_features)} reference images; raise sample.per_class")
+    scores = prc_features_to_metric(torch.as_tensor(sample_pool_features, dtype=torch.float32),
+                                    torch.as_tensor(reference_pool_features, dtype=torch.float32),
+                                    prc_neighborhood=PR_NEIGHBOURS, prc_batch_size=10_000, save_cpu_ram=True,
+                                    verbose=False)
+    return {"precision": scores["precision"], "recall": scores["recall"]}
+
+
+def reference_images(path: str | Path, batch_size: int) -> Iterator[np.ndarray]:
+    """The reference batch's `arr_0` (uint8 N×H×W×3) in batches, streamed from the .npz member as the
+    evaluator's NpzArrayReader streams it: at 256 px the 10,000 images are 2 GB."""
+    path = Path(path)
+    with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(member)
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran_order:
+            raise UserError(f"{path}: 'arr_0' is {dtype} {shape}, not uint8 (N, H, W, 3) images: "
+                            f"not an ADM reference batch; {_download_hint(path)}")
+        per_image = int(np.prod(shape[1:]))
+        for start in range(0, shape[0], batch_size):
+            count = min(batch_size, shape[0] - start)
+            data = member.read(count * per_image)
+            if len(data) != count * per_image:
+                raise UserError(f"{path}: 'arr_0' ends after {start} images of {shape[0]}: the file is truncated; "
+                                f"{_download_hint(path)}")
+            yield np.frombuffer(data, np.uint8).reshape(count, *shape[1:])
 
 
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> tuple[float, float]:
@@ -110,24 +158,36 @@ def inception_score(logits: np.ndarray, split_size: int = 5000) -> tuple[float, 
 
 
 class InceptionWithLogits(torch.nn.Module):
-    """pytorch-fid's InceptionV3 and its 1008-way classifier weight, from one weights file.
+    """pytorch-fid's InceptionV3 and its 1008-way classifier weight, from one weights file, giving
+    the evaluator's three feature sets in one pass.
 
     The logits are pool_3 @ W without the bias, as the evaluator builds them: it takes the weight
     input of the graph's `softmax/logits/MatMul` and multiplies the pool features by it (so did
     openai/improved-gan; torch-fidelity calls these `logits_unbiased`). All 1008 columns are kept,
     as the evaluator keeps them, including the graph's non-ImageNet ones.
+
+    The spatial features are the graph's `mixed_6/conv:0` — the ReLU output of the 1×1 branch of
+    its 7th mixed block, the one pytorch-fid (after torchvision) names Mixed_6d — first 7 channels,
+    flattened in the graph's NHWC order so they line up with the stored mu_s / sigma_s.
     """
 
     def __init__(self, inception: torch.nn.Module, fc_weight: torch.Tensor):
         super().__init__()
         self.inception = inception
         self.register_buffer("fc_weight", fc_weight)
+        self._spatial: torch.Tensor | None = None
+        mixed_6d = inception.blocks[2][6]  # Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e
+        mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module, inputs, output) -> None:
+        self._spatial = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
 
     @torch.no_grad()
-    def forward(self, images_01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """NCHW images in [0, 1] → (pool features (N, 2048), logits (N, 1008)), one pass."""
+    def forward(self, images_01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """NCHW images in [0, 1] → (pool features (N, 2048), logits (N, 1008), spatial (N, 2023))."""
         pool = self.inception(images_01)[0].flatten(1)
-        return pool, pool @ self.fc_weight.T
+        spatial, self._spatial = self._spatial, None
+        return pool, pool @ self.fc_weight.T, spatial
 
 
 def load_inception_with_logits(weights_path: str) -> InceptionWithLogits:
@@ -139,25 +199,30 @@ def load_inception_with_logits(weights_path: str) -> InceptionWithLogits:
 
 
 def adm_scores(inception_weights: str, reference_batch: str, images: np.ndarray, device) -> dict:
-    """FID against the reference batch's stored statistics and the Inception Score of uint8 samples,
-    taken in `evaluator_order` (the order `python -m diffrepro adm-npz` writes them in)."""
+    """The evaluator's five numbers for uint8 samples taken in `evaluator_order` (the order
+    `python -m diffrepro adm-npz` writes them in): FID and sFID against the stored statistics (sFID
+    only where the file has mu_s), Inception Score, precision and recall against `arr_0`."""
     reference = read_reference_batch(reference_batch)
     net = load_inception_with_logits(inception_weights).to(device)
-    pool, logits = pool_features_and_logits(net, images[evaluator_order(len(images))])
-    score, spread = inception_score(logits)
-    return {"fid_reference_batch": reference_fid(pool, reference), "inception_score": score,
-            "inception_score_std": spread}
+    features = inception_features(net, [images[evaluator_order(len(images))]])
+    reference_pool = inception_features(net, reference_images(reference_batch, BATCH_SIZE))["pool"]
+    score, spread = inception_score(features["logits"])
+    scores = {"fid_reference_batch": reference_fid(features["pool"], reference), "inception_score": score,
+              "inception_score_std": spread, **precision_recall(features["pool"], reference_pool)}
+    if reference.mu_s is not None:
+        scores["sfid_reference_batch"] = reference_fid(features["spatial"], reference, spatial=True)
+    return scores
 
 
-def pool_features_and_logits(net: InceptionWithLogits, images: np.ndarray,
-                             batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 NHWC images (the evaluator's `arr_0`) → (pool features, logits) as numpy, in batches
-    on the net's device."""
+def inception_features(net: InceptionWithLogits, image_batches: Iterable[np.ndarray],
+                       batch_size: int = BATCH_SIZE) -> dict[str, np.ndarray]:
+    """uint8 NHWC images (the evaluator's `arr_0`), in one array or streamed → {"pool", "logits",
+    "spatial"} as numpy, computed in batches on the net's device."""
     device = net.fc_weight.device
-    pools, logits = [], []
-    for i in range(0, len(images), batch_size):
-        x = torch.as_tensor(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255
-        pool, logit = net(x)
-        pools.append(pool.cpu().numpy())
-        logits.append(logit.cpu().numpy())
-    return np.concatenate(pools), np.concatenate(logits)
+    out: dict[str, list[np.ndarray]] = {"pool": [], "logits": [], "spatial": []}
+    for images in image_batches:
+        for i in range(0, len(images), batch_size):
+            x = torch.as_tensor(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255
+            for key, value in zip(out, net(x)):
+                out[key].append(value.cpu().numpy())
+    return {key: np.concatenate(values) for key, values in out.items()}
