@@ -59,6 +59,8 @@ RELEASED = {
         "finediffusion_released": ("finediffusion", "finediffusion", "models/FineDiffusion-VegFru.pt")}),
     "patch_celeba64_released": ("patch_celeba64", {
         "patch_released": ("patch", "patch_diffusion", "models/patch-diffusion-celeba64.pkl")}),
+    "patch_afhqv2wild64_released": ("patch_afhqv2wild64", {
+        "patch_released": ("patch", "patch_diffusion", "models/patch-diffusion-afhqv2wild64.pkl")}),
 }
 # sampler, steps, guidance, guided channels: DiT sample_ddp.py, DiMR eval.py, FineDiffusion sample.py,
 # Patch Diffusion's README (generate.py --steps=50); docs/papers/*.md
