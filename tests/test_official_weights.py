@@ -284,9 +284,9 @@ def save_dit(official: dict, directory: Path) -> Path:
     return path
 
 
-def save_finediffusion(official: dict, directory: Path) -> Path:
+def save_finediffusion(official: dict, directory: Path, name: str = "FineDiffusion-iNat.pt") -> Path:
     """FineDiffusion train.py: torch.save({model, ema, opt, args}); sample.py loads `ema`."""
-    path = directory / "FineDiffusion-iNat.pt"
+    path = directory / name
     decoy = {k: torch.zeros_like(v) for k, v in official.items()}  # the non-EMA weights must not be read
     torch.save({"model": decoy, "ema": official,
                 "opt": {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.zeros(3)}},

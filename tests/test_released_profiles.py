@@ -3,9 +3,9 @@ sampled and scored as a trained run is, and the report shows its numbers beside 
 
 On the composition (instant): each `*_released` profile is its paper profile without the trained
 runs, and each released run samples as the paper's trained run does. End to end (tiny dims, CPU,
-the stage commands in this process): the released runs of one profile per release go train →
-sample → evaluate → report from fixture files written in the official on-disk layout by the
-helpers of test_official_weights.py, and the weights a run saved give the forward pass of the
+the stage commands in this process): the released runs of one profile per release and data set
+go train → sample → evaluate → report from fixture files written in the official on-disk layout by
+the helpers of test_official_weights.py, and the weights a run saved give the forward pass of the
 fixture read by the release's own loader.
 
 The tiny runs score with the judge features (`features.kind: judge`), not Inception: one Inception
@@ -162,36 +162,41 @@ def _setup_dimr(work: Path, params: dict) -> list[Fixture]:
     return fixtures
 
 
-def _setup_finediffusion(work: Path, params: dict) -> list[Fixture]:
-    """FineDiffusion-iNat.pt and the DiT-XL/2 base the profile's `pretrain` adopts: 3 iNat species in
-    3 supercategories, 16 px (latents 4 × 2 × 2)."""
+def _setup_finediffusion(work: Path, params: dict, build_raw=None, classes: int = 3, supers: int = 3) -> list[Fixture]:
+    """FineDiffusion-iNat.pt (or the file the profile names) and the DiT-XL/2 base the profile's
+    `pretrain` adopts: 3 iNat species in 3 supercategories (or `build_raw`'s data set), 16 px
+    (latents 4 × 2 × 2)."""
     from fixtures_real import build_inat
 
     params["data"]["image_size"] = 16
     params["runs"]["finediffusion_released"]["model"] = params["pretrain"]["model"] = "DiT-tiny/2"
-    build_inat(work / "data" / "raw")
+    (build_raw or build_inat)(work / "data" / "raw")
     _tiny_sd_vae(work / params["autoencoder"]["path"], 16)
-    fine = lambda: _dit(input_size=2, num_classes=3, num_super_classes=3, affine_norms=True).eval()  # noqa: E731
+    fine = lambda: _dit(input_size=2, num_classes=classes, num_super_classes=supers,  # noqa: E731
+                        affine_norms=True).eval()
     base = lambda: _dit(input_size=2, num_classes=1000).eval()  # noqa: E731
     fixtures = [Fixture("finediffusion_released", "finediffusion", randomize(fine(), 4), fine(),
                         ow.load_finediffusion, (torch.randn(2, 4, 2, 2), torch.tensor([10, 900]), torch.tensor([1, 5]))),
                 Fixture("pretrain", "dit", randomize(base(), 5), base(), ow.load_dit,
                         (torch.randn(2, 4, 2, 2), torch.tensor([10, 900]), torch.tensor([999, 1000])))]
-    save_finediffusion(official_dit(fixtures[0].source), work / "models")  # the EMA beside zeroed raw weights
+    save_finediffusion(official_dit(fixtures[0].source), work / "models",  # the EMA beside zeroed raw weights
+                       Path(params["runs"]["finediffusion_released"]["init_from"]).name)
     save_dit(official_dit(fixtures[1].source), work / "models")
     return fixtures
 
 
-def _setup_patch(work: Path, params: dict) -> list[Fixture]:
-    """A Patch Diffusion snapshot pickle of a DDPM++ with the 2 coordinate channels, at 16 px. The
-    upload's file names are UNKNOWN: the run reads the path params give it, here the helper's name."""
+def _setup_patch(work: Path, params: dict, build_raw=None) -> list[Fixture]:
+    """A Patch Diffusion snapshot pickle of a DDPM++ with the 2 coordinate channels, at 16 px, and
+    CelebA (or `build_raw`'s data set) in data/raw. The upload's file names are UNKNOWN: the run
+    reads the path params give it, here the helper's name."""
     from fixtures_real import build_celeba_tree
 
+    build_raw = build_raw or build_celeba_tree
     params["data"]["image_size"] = 16
     params["sample"]["per_class"] = 2  # one class, three seed sets
     run = params["runs"]["patch_released"]
     run.update(model="ddpmpp-mini", init_from="models/network-snapshot-200000.pkl")
-    build_celeba_tree(work / "data" / "raw")
+    build_raw(work / "data" / "raw")
     net = lambda: EDMDenoiser(build_model("ddpmpp-mini", input_size=16, in_channels=3, extra_in_channels=2,  # noqa: E731
                                           **run["model_kwargs"])).eval()
     fixture = Fixture("patch_released", "patch_diffusion", randomize(net(), 6), net(), ow.load_patch_diffusion,
@@ -210,8 +215,26 @@ def _tiny_sd_vae(path: Path, size: int) -> None:
     vae.save_pretrained(path)
 
 
+def _setup_finediffusion_vegfru(work: Path, params: dict) -> list[Fixture]:
+    """As _setup_finediffusion, on VegFru with its sup-class lists (5 classes in 3 sup-classes) and
+    FineDiffusion-VegFru.pt: the tiered class table of another data set."""
+    from fixtures_real import VEGFRU_CLASSES, build_vegfru
+
+    supers = len({sup for _, _, sup in VEGFRU_CLASSES})
+    return _setup_finediffusion(work, params, lambda raw: build_vegfru(raw, with_sup_lists=True),
+                                len(VEGFRU_CLASSES), supers)
+
+
+def _setup_patch_afhq(work: Path, params: dict) -> list[Fixture]:
+    """As _setup_patch, on afhq_v2.zip (the AFHQv2-Wild images are the data set)."""
+    from fixtures_real import build_afhq
+
+    return _setup_patch(work, params, build_afhq)
+
+
 SETUPS = {"dimr_xl2r_imagenet256_released": _setup_dimr, "finediffusion_inat256_released": _setup_finediffusion,
-          "patch_celeba64_released": _setup_patch}
+          "finediffusion_vegfru256_released": _setup_finediffusion_vegfru, "patch_celeba64_released": _setup_patch,
+          "patch_afhqv2wild64_released": _setup_patch_afhq}
 
 
 @pytest.fixture(scope="module", params=list(SETUPS))
