@@ -21,7 +21,7 @@ import yaml
 RECORDS = Path("logs/stages/default")
 NO_CHANGE_TARGET_S = 2.0
 STARTUP_TARGET_S = 2.0
-REPRO_TARGET_MIN, REPRO_LIMIT_MIN = 30, 60
+REPRO_TARGET_MIN, REPRO_LIMIT_MIN = 45, 60
 
 
 def stage_names(lock: Path = Path("dvc.lock")) -> list[str]:

@@ -135,7 +135,7 @@ def reference_images(path: str | Path, batch_size: int) -> Iterator[np.ndarray]:
             if len(data) != count * per_image:
                 raise UserError(f"{path}: 'arr_0' ends after {start} images of {shape[0]}: the file is truncated; "
                                 f"{_download_hint(path)}")
-            yield np.frombuffer(data, np.uint8).reshape(count, *shape[1:])
+            yield np.frombuffer(bytearray(data), np.uint8).reshape(count, *shape[1:])  # writable, as torch wants
 
 
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> tuple[float, float]:

@@ -97,7 +97,7 @@ class HostBatch:
 class Trainer:
     """Holds one run's model, EMA, optimizer and noise process; `step(s)` trains global step s.
 
-    The host draws step s's global batch (in a background thread, one step ahead); everything
+    The host draws step s's global batch (on a GPU in a background thread, one step ahead); everything
     else — assignment cost, loss, EMA — runs on the accelerator's device. Each process takes its
     contiguous slice of the global batch and splits it into micro-batches whose gradients it
     accumulates, so the update is the same for any process count or micro-batch size.

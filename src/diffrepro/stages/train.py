@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from diffrepro.models.info import count_params
 from diffrepro.paths import checkpoints_root, logs_dir, model_dir, pause_marker
 from diffrepro.runs import set_matmul_precision
 from diffrepro.sources import release_url
-from diffrepro.training import Trainer
+from diffrepro.training import HostBatch, Trainer
 
 
 def stage(params: dict, run: str) -> None:
@@ -55,35 +56,31 @@ def stage(params: dict, run: str) -> None:
     every, steps = params["train"]["log_every"], cfg["steps"]
     pbar = tqdm(range(start, steps), desc=f"train {run}", mininterval=10,
                 disable=not accelerator.is_main_process, initial=start, total=steps)
-    with ThreadPoolExecutor(max_workers=1) as prefetch:  # the host draws step s + 1 while s trains
-        upcoming = prefetch.submit(trainer.draw, start) if start < steps else None
-        for step in pbar:
-            tic = time.perf_counter()
-            host = upcoming.result()
-            if step + 1 < steps:
-                upcoming = prefetch.submit(trainer.draw, step + 1)
-            trainer.step(step, host)
-            step_times.append(time.perf_counter() - tic)
-            if (step + 1) % every == 0 or step + 1 == steps:  # the only host sync of the loop
-                losses.extend(trainer.logged_losses())
-                if live is not None:
-                    recent = losses[-every:]
-                    live.step = step + 1  # before logging: each value is recorded at the step it ends
-                    live.log_metric("train/loss", sum(recent) / len(recent))
-                    live.log_metric("train/step_seconds", step_times[-1])
-                    live.next_step()
-            if (step + 1) in cfg["eval_at"] and accelerator.is_main_process:
-                _save_weights(trainer, ckpt_dir, step + 1)
-            if (step + 1) % cfg["checkpoint_every"] == 0 and (step + 1) < steps:
+    batches = _host_batches(trainer, start, steps, ahead=accelerator.device.type != "cpu")
+    for step in pbar:
+        tic = time.perf_counter()
+        trainer.step(step, next(batches))
+        step_times.append(time.perf_counter() - tic)
+        if (step + 1) % every == 0 or step + 1 == steps:  # the only host sync of the loop
+            losses.extend(trainer.logged_losses())
+            if live is not None:
+                recent = losses[-every:]
+                live.step = step + 1  # before logging: each value is recorded at the step it ends
+                live.log_metric("train/loss", sum(recent) / len(recent))
+                live.log_metric("train/step_seconds", step_times[-1])
+                live.next_step()
+        if (step + 1) in cfg["eval_at"] and accelerator.is_main_process:
+            _save_weights(trainer, ckpt_dir, step + 1)
+        if (step + 1) % cfg["checkpoint_every"] == 0 and (step + 1) < steps:
+            if accelerator.is_main_process:
+                with atomic_path(ckpt_dir / "last.pt") as tmp:
+                    torch.save(trainer.state(step + 1), tmp)
+            if budget is not None and _all_agree(accelerator, time.perf_counter() - started > budget):
+                accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    with atomic_path(ckpt_dir / "last.pt") as tmp:
-                        torch.save(trainer.state(step + 1), tmp)
-                if budget is not None and _all_agree(accelerator, time.perf_counter() - started > budget):
-                    accelerator.wait_for_everyone()
-                    if accelerator.is_main_process:
-                        pause_marker(run).write_text(f"{step + 1}\n")
-                    raise TrainingPaused(f"{run}: the DIFFREPRO_TRAIN_SECONDS budget ({budget:g} s) is spent at "
-                                         f"step {step + 1} of {steps}; run the same command again to resume")
+                    pause_marker(run).write_text(f"{step + 1}\n")
+                raise TrainingPaused(f"{run}: the DIFFREPRO_TRAIN_SECONDS budget ({budget:g} s) is spent at "
+                                     f"step {step + 1} of {steps}; run the same command again to resume")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # close the process group cleanly (gloo can abort at exit otherwise)
     if not accelerator.is_main_process:
@@ -116,6 +113,24 @@ def stage(params: dict, run: str) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         (tmp / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _host_batches(trainer: Trainer, start: int, steps: int, ahead: bool) -> Iterator[HostBatch]:
+    """Each step's host batch, in order. `ahead` (a GPU, whose host idles while it computes): a
+    thread draws step s + 1 while s trains. On the CPU the draw (about 1 ms) runs in line: a second
+    thread there contends with the step's own compute threads and made every step 1.3–1.6× slower
+    (benchmarks/bench_train_step.py, "Drawing the batch in a thread")."""
+    if not ahead:
+        for step in range(start, steps):
+            yield trainer.draw(step)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        upcoming = pool.submit(trainer.draw, start) if start < steps else None
+        for step in range(start, steps):
+            host = upcoming.result()
+            if step + 1 < steps:
+                upcoming = pool.submit(trainer.draw, step + 1)
+            yield host
 
 
 def _resume(trainer: Trainer, ckpt: Path) -> int:
