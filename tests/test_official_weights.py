@@ -277,9 +277,9 @@ def official_edm(denoiser) -> dict:
 
 # --- saving as the official code does -----------------------------------------------------------------
 
-def save_dit(official: dict, directory: Path) -> Path:
+def save_dit(official: dict, directory: Path, name: str = "DiT-XL-2-256x256.pt") -> Path:
     """DiT's release (download.py): torch.save of the EMA state dict alone."""
-    path = directory / "DiT-XL-2-256x256.pt"
+    path = directory / name
     torch.save(official, path)
     return path
 
@@ -295,9 +295,9 @@ def save_finediffusion(official: dict, directory: Path, name: str = "FineDiffusi
     return path
 
 
-def save_dimr(official: dict, directory: Path) -> Path:
+def save_dimr(official: dict, directory: Path, name: str = "DiMR-XL_2R_800epochs.pth") -> Path:
     """DiMR utils.TrainState.save: torch.save(nnet_ema.state_dict()); eval.py loads it as is."""
-    path = directory / "DiMR-XL_2R_800epochs.pth"
+    path = directory / name
     torch.save(official, path)
     return path
 

@@ -3,9 +3,9 @@ sampled and scored as a trained run is, and the report shows its numbers beside 
 
 On the composition (instant): each `*_released` profile is its paper profile without the trained
 runs, and each released run samples as the paper's trained run does. End to end (tiny dims, CPU,
-the stage commands in this process): the released runs of one profile per release and data set
-go train → sample → evaluate → report from fixture files written in the official on-disk layout by
-the helpers of test_official_weights.py, and the weights a run saved give the forward pass of the
+the stage commands in this process): the released runs of every released profile go train →
+sample → evaluate → report from fixture files written in the official on-disk layout by the
+helpers of test_official_weights.py, and the weights a run saved give the forward pass of the
 fixture read by the release's own loader.
 
 The tiny runs score with the judge features (`features.kind: judge`), not Inception: one Inception
@@ -157,8 +157,8 @@ def _setup_dimr(work: Path, params: dict) -> list[Fixture]:
                         (torch.randn(2, 4, 4, 4), torch.tensor([10, 900]), torch.tensor([0, 3]))),
                 Fixture("dit_released", "dit", randomize(dit(), 3), dit(), ow.load_dit,
                         (torch.randn(2, 4, 4, 4), torch.tensor([10, 900]), torch.tensor([2, 3])))]  # 3: null row
-    save_dimr(official_dimr(fixtures[0].source), work / "models")
-    save_dit(official_dit(fixtures[1].source), work / "models")
+    save_dimr(official_dimr(fixtures[0].source), work / "models", _file_name(params["runs"]["dimr_released"]))
+    save_dit(official_dit(fixtures[1].source), work / "models", _file_name(params["runs"]["dit_released"]))
     return fixtures
 
 
@@ -180,8 +180,8 @@ def _setup_finediffusion(work: Path, params: dict, build_raw=None, classes: int 
                 Fixture("pretrain", "dit", randomize(base(), 5), base(), ow.load_dit,
                         (torch.randn(2, 4, 2, 2), torch.tensor([10, 900]), torch.tensor([999, 1000])))]
     save_finediffusion(official_dit(fixtures[0].source), work / "models",  # the EMA beside zeroed raw weights
-                       Path(params["runs"]["finediffusion_released"]["init_from"]).name)
-    save_dit(official_dit(fixtures[1].source), work / "models")
+                       _file_name(params["runs"]["finediffusion_released"]))
+    save_dit(official_dit(fixtures[1].source), work / "models", _file_name(params["pretrain"]))
     return fixtures
 
 
@@ -204,6 +204,11 @@ def _setup_patch(work: Path, params: dict, build_raw=None) -> list[Fixture]:
     (work / "models").mkdir(exist_ok=True)
     save_edm(official_edm(fixture.source), work / "models", "SongUNet", _marker(work))
     return [fixture]
+
+
+def _file_name(run: dict) -> str:
+    """The official file's name as the profile gives it (`init_from`, under models/)."""
+    return Path(run["init_from"]).name
 
 
 def _tiny_sd_vae(path: Path, size: int) -> None:
@@ -232,9 +237,14 @@ def _setup_patch_afhq(work: Path, params: dict) -> list[Fixture]:
     return _setup_patch(work, params, build_afhq)
 
 
-SETUPS = {"dimr_xl2r_imagenet256_released": _setup_dimr, "finediffusion_inat256_released": _setup_finediffusion,
+SETUPS = {"dimr_xl2r_imagenet256_released": _setup_dimr, "dimr_g2r_imagenet256_released": _setup_dimr,
+          "finediffusion_inat256_released": _setup_finediffusion, "finediffusion_inat512_released": _setup_finediffusion,
           "finediffusion_vegfru256_released": _setup_finediffusion_vegfru, "patch_celeba64_released": _setup_patch,
           "patch_afhqv2wild64_released": _setup_patch_afhq}
+
+
+def test_every_released_profile_runs_end_to_end_here():
+    assert set(SETUPS) == set(RELEASED)
 
 
 @pytest.fixture(scope="module", params=list(SETUPS))
