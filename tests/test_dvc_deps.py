@@ -127,3 +127,15 @@ def test_a_sampling_param_reruns_that_runs_sampling_and_scoring_only(smoke_repo,
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = json.loads(run(repo, "dvc", "status", "--json").stdout)
     assert set(changed) == {"sample@finediffusion", "evaluate@finediffusion", "report"}, changed
+
+
+def test_the_committed_lock_holds_exactly_the_stages_dvc_yaml_defines():
+    """DVC never prunes dvc.lock: a run or stage removed from the default would stay locked (and be
+    tabulated as 'no record' by the benchmarks) until the lock is rebuilt."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        defined = {stage.addressing for stage in repo.index.stages}
+    locked = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"])
+    assert locked == defined, f"locked, not defined: {sorted(locked - defined)}; defined, not locked: " \
+                              f"{sorted(defined - locked)}"
