@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffrepro.methods.immiscible import make_assigner
+from diffrepro.stages.train import _host_batches  # the mechanism measured, not a copy of it
 from diffrepro.training import Trainer
 from timing import timed
 
@@ -47,30 +47,24 @@ def bench_run(params: dict, run: str, steps: int = STEPS, warmup: int = WARMUP) 
 
 def bench_draw_ahead(params: dict, run: str, steps: int = 40, rounds: int = 3) -> dict:
     """Mean step time with the batch drawn in line vs by a thread one step ahead (the train stage's
-    choice on a GPU), in interleaved rounds on one trainer, and the draw alone."""
+    choice on a GPU), both through the train stage's own `_host_batches`, in interleaved rounds on
+    one trainer, and the draw alone."""
     trainer = Trainer(params, run, Accelerator(cpu=True))
     for s in range(WARMUP):
         trainer.step(s)
     start = WARMUP
 
-    def in_line(first: int) -> float:
-        return sum(timed(lambda s=s: trainer.step(s, trainer.draw(s))) for s in range(first, first + steps)) / steps
-
-    def ahead(first: int) -> float:
+    def seconds_per_step(first: int, ahead: bool) -> float:
         tic = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            upcoming = pool.submit(trainer.draw, first)
-            for s in range(first, first + steps):
-                host = upcoming.result()
-                upcoming = pool.submit(trainer.draw, s + 1)
-                trainer.step(s, host)
+        for s, host in zip(range(first, first + steps), _host_batches(trainer, first, first + steps, ahead)):
+            trainer.step(s, host)
         return (time.perf_counter() - tic) / steps
 
     times = {"in line": [], "ahead": [], "draw": []}
     for _ in range(rounds):
-        for name, measure in (("in line", in_line), ("ahead", ahead)):
-            times[name].append(measure(start))
-            start += steps + 1
+        for name, ahead in (("in line", False), ("ahead", True)):
+            times[name].append(seconds_per_step(start, ahead))
+            start += steps
         times["draw"].append(statistics.mean(timed(lambda s=s: trainer.draw(s)) for s in range(start, start + steps)))
     return {name: statistics.median(values) for name, values in times.items()}
 
