@@ -1,8 +1,11 @@
 """`python -m diffrepro regimes`: a claim's verdict at each value of its regime variable, read from the
-workspace and from the experiments DVC committed (git refs under refs/exps/), stale copies skipped."""
+workspace and from the experiments DVC committed (git refs under refs/exps/), stale copies and
+sweeps of another recipe skipped."""
 
 import json
+import shutil
 import subprocess
+from pathlib import Path
 
 import yaml
 
@@ -60,15 +63,20 @@ def test_sweep_points_verdicts_and_the_stale_copies_skipped(tmp_path, monkeypatc
     _experiment(repo, "some", some, {FD: [16.0, 17.0, 16.5], FULL: [16.2, 16.8, 16.4]})  # inside the spread
     many = compose("default", ("regime.finetune_images_per_class=120",))
     _experiment(repo, "many", many, {FD: [10.0, 10.1, 10.2], FULL: [30.0, 30.0, 30.0]}, stale=(FULL,))
+    # fresh under its own params, but swept before the recipe changed (another fine-tuning length)
+    older = compose("default", ("regime.finetune_images_per_class=60", "runs.full_finetune.steps=999"))
+    _experiment(repo, "older", older, {FD: [11.0, 11.1, 11.2], FULL: [19.0, 19.1, 19.2]})
     _git(repo, "update-ref", "refs/exps/celery/stash", "HEAD")  # DVC's queue: not an experiment
+    shutil.copytree(Path("conf"), repo / "conf")  # the workspace's recipe
     monkeypatch.chdir(repo)
 
     found = regimes.snapshots()
-    assert {source for source, _, _ in found} == {"workspace", "few", "some", "many"}
+    assert {source for source, _, _ in found} == {"workspace", "few", "some", "many", "older"}
     from diffrepro.papers import finediffusion
 
     points = regimes.claim_points(finediffusion.PAPER, found)
-    assert [(p.value, p.source) for p in points] == [(8, "few"), (12, "some"), (24, "workspace")]  # 120: stale baseline
+    assert [(p.value, p.source) for p in points] == [(8, "few"), (12, "some"), (24, "workspace")]  # 120: stale
+    # baseline; 60: another recipe
     assert points[0].method == [15.0, 15.2] and points[0].baseline == [18.0, 18.4]
 
     text = regimes.write(repo / "reports", found)

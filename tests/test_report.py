@@ -97,6 +97,17 @@ def test_steps_to_equal_fid_is_the_first_step_at_or_below_the_baselines_final_fi
     assert results.steps_to_equal_fid(metrics, "vanilla", "imm") is None  # 12.0 never ≤ 11.0
 
 
+def test_the_learning_floor_names_every_run_below_ten_times_chance():
+    chance = 1 / 64
+    metrics = {"a": {"fine_accuracy": 0.40}, "b": {"fine_accuracy": 0.15}, "c": {"fine_accuracy": 0.156},
+               "d": {"fid": 3.0}}
+    line = report.learning_floor(metrics, chance)
+    assert line.startswith("- Every run learned its classes (fine accuracy ≥ 10× chance = 15.6%): no — below it: b, c;")
+    assert line.endswith("the lowest, b, at 15.0% (9.6× chance).")
+    assert ": yes; the lowest, a," in report.learning_floor({"a": metrics["a"]}, chance)
+    assert report.learning_floor({"d": metrics["d"]}, chance) is None  # no judge: no accuracy to hold up
+
+
 def test_large_integral_numbers_print_without_exponents():
     assert results.fmt(1000.0) == "1,000" and results.fmt(61632) == "61,632" and results.fmt(0.1234) == "0.123"
 

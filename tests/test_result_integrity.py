@@ -137,6 +137,8 @@ def test_fingerprints_follow_the_runs_lineage_and_what_they_depend_on():
                                                                    ("metrics", "finediffusion")}
     data = changed(lambda p: p["data"]["synthetic"].update(images_per_class=3))
     assert all(base[key] != data[key] for key in base)
+    autoencoder = changed(lambda p: p["autoencoder"].update(steps=p["autoencoder"]["steps"] + 1))
+    assert all(base[key] != autoencoder[key] for key in base)  # every latent run's samples come from it
     sample = changed(lambda p: p["sample"].update(per_class=3))
     assert {key for key in base if base[key] != sample[key]} == {("metrics", "dit"), ("metrics", "finediffusion")}
 

@@ -63,6 +63,7 @@ def speed(params: dict, pairs: list[tuple[str, str]]) -> str:
 
 
 def metrics(params: dict, run: str) -> str:
-    """A metrics file's: the seed, the run's lineage, its sampling and the params of the evaluate stage."""
-    return digest({"seed": params["seed"], "runs": lineage(params, run), "sample_run": params["sample_runs"][run],
+    """A metrics file's: what trained the run (its lineage and the data it trains on, the
+    autoencoder included), its sampling and the params of the evaluate stage."""
+    return digest({"training": training(params, run), "sample_run": params["sample_runs"][run],
                    **{key: params[key] for key in METRICS_SECTIONS}})

@@ -10,13 +10,15 @@ images per class). A sweep trains and scores the claim's two runs, two seeds or 
 
 This command reads the workspace and every experiment DVC committed (git refs under refs/exps/:
 each holds its params.yaml and metrics), keeps a run's metrics only where they were produced under
-that experiment's own params (the stale copies of runs a sweep did not target are skipped), and
-writes `<report.dir>/regimes.md` with `plots/regime_<paper>.png`: the claim's metric over the
+the workspace's recipe (conf/) with the regime variable at the experiment's value — so neither the
+stale copies of runs a sweep did not target nor a sweep run before the recipe changed can enter —
+and writes `<report.dir>/regimes.md` with `plots/regime_<paper>.png`: the claim's metric over the
 variable, each value's verdict by the report's rule.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from diffrepro.config import run_names
 from diffrepro.papers import PAPERS
 from diffrepro.papers.base import Paper
 from diffrepro.paths import metrics_file
+from diffrepro.profiles import compose, profile_names
 from diffrepro.results import fmt, replicates, verdict
 
 PARAMS_FILE = "params.yaml"
@@ -78,16 +81,34 @@ def snapshots() -> list[tuple[str, dict, dict[str, dict]]]:
     return [s for s in found if s is not None]
 
 
+@functools.cache
+def _recipe(profile: str, regime_values: tuple[tuple[str, object], ...]) -> dict | None:
+    """The params conf/ composes for `profile` with its regime variables at these values (None:
+    the profile is gone from conf/)."""
+    if profile not in profile_names():
+        return None
+    return compose(profile, tuple(f"regime.{key}={value}" for key, value in regime_values))
+
+
+def recipe_at(params: dict) -> dict | None:
+    """The workspace's recipe at the regime values of `params` (an experiment's params.yaml)."""
+    return _recipe(params["profile"], tuple(sorted(params.get("regime", {}).items())))
+
+
 def claim_points(paper: Paper, found: list[tuple[str, dict, dict[str, dict]]]) -> list[Point]:
     """One point per value of the paper's regime variable: the first source (workspace, then the
-    newest experiment) with at least two seeds of each of the claim's runs produced under its own
-    params (a sweep may target fewer seeds than the profile declares)."""
+    newest experiment) with at least two seeds of each of the claim's runs produced under the
+    workspace's recipe at that value (a sweep may target fewer seeds than the profile declares)."""
     regime, points = paper.regime, {}
     for source, params, metrics in found:
         value = params.get("regime", {}).get(regime.variable)
         if value is None or value in points:
             continue
-        fresh = {run: m for run, m in metrics.items() if m.get("params_sha256") == fingerprint.metrics(params, run)}
+        recipe = recipe_at(params)
+        if recipe is None:
+            continue
+        fresh = {run: m for run, m in metrics.items()
+                 if run in recipe["sample_runs"] and m.get("params_sha256") == fingerprint.metrics(recipe, run)}
         claim = regime.claim
         method = [m[claim.metric] for m in replicates(fresh, claim.method)]
         baseline = [m[claim.metric] for m in replicates(fresh, claim.baseline)]

@@ -149,23 +149,29 @@ def assemble(chunk_dir: Path, num_images: int, batch_size: int, rebuild: str) ->
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, per_row: int, path: Path, title: str) -> None:
-    """A grid with one row per class (first `per_row` samples of it) and the class index at left."""
+    """A grid with one row per class (first `per_row` samples of it) and the class index at left.
+
+    The tiles are laid out in one array and drawn by one `imshow` (one axes per tile took ~1 s
+    per sample stage to render)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     classes = np.unique(labels)
-    fig, axes = plt.subplots(len(classes), per_row, figsize=(per_row * 0.6 + 0.6, len(classes) * 0.6 + 0.4),
-                             squeeze=False)
-    for r, c in enumerate(classes):
-        row = images[labels == c][:per_row]
-        for k in range(per_row):
-            ax = axes[r][k]
-            ax.axis("off")
-            if k < len(row):
-                ax.imshow(row[k], interpolation="nearest")
-        axes[r][0].text(-0.6, 0.5, str(c), transform=axes[r][0].transAxes, ha="right", va="center", fontsize=6)
-    fig.suptitle(title, fontsize=8)
+    h, w, c = images.shape[1:]
+    gap = 1
+    canvas = np.full((len(classes) * (h + gap) - gap, per_row * (w + gap) - gap, c), 255, np.uint8)
+    for r, label in enumerate(classes):
+        for k, image in enumerate(images[labels == label][:per_row]):
+            canvas[r * (h + gap):r * (h + gap) + h, k * (w + gap):k * (w + gap) + w] = image
+    fig, ax = plt.subplots(figsize=(per_row * 0.6 + 0.6, len(classes) * 0.6 + 0.4))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([r * (h + gap) + h / 2 for r in range(len(classes))], [str(label) for label in classes], fontsize=6)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(title, fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

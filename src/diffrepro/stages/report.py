@@ -212,7 +212,7 @@ def claims_table(metrics: dict[str, dict], paper: Paper, speed: dict | None = No
     return "\n".join(lines)
 
 
-def foundation_section(prepared_dir: str) -> str:
+def foundation_section(prepared_dir: str, metrics: dict[str, dict]) -> str:
     parts = ["## Shared stages", ""]
     ae, feats = AUTOENCODER / "metrics.json", FEATURES / "metrics.json"
     if ae.exists():
@@ -234,7 +234,22 @@ def foundation_section(prepared_dir: str) -> str:
     n, k = len(classes["classes"]), len(classes["super_classes"])
     parts.append(f"- Chance levels: fine accuracy 1/{n} = {100 / n:.1f} %, superclass 1/{k} = {100 / k:.1f} %"
                  + (", hue error 90°." if classes.get("dataset") == "synthetic" else "."))
+    floor = learning_floor(metrics, 1 / n)
+    if floor:
+        parts.append(floor)
     return "\n".join(parts)
+
+
+def learning_floor(metrics: dict[str, dict], chance: float, multiple: float = 10.0) -> str | None:
+    """Whether every run learned its classes: its samples' fine accuracy against `multiple` × chance."""
+    scored = {run: m["fine_accuracy"] for run, m in metrics.items() if m.get("fine_accuracy") is not None}
+    if not scored:
+        return None
+    weakest = min(scored, key=scored.get)
+    below = sorted(run for run, accuracy in scored.items() if accuracy < multiple * chance)
+    return (f"- Every run learned its classes (fine accuracy ≥ {multiple:g}× chance = {multiple * chance:.1%}): "
+            + (f"no — below it: {', '.join(below)}" if below else "yes")
+            + f"; the lowest, {weakest}, at {scored[weakest]:.1%} ({scored[weakest] / chance:.1f}× chance).")
 
 
 def profile_metrics(params: dict) -> dict[str, dict]:
@@ -281,7 +296,7 @@ def stage(params: dict) -> None:
              + ("FID here is measured in the judge's features (see below), so only its ordering, not its "
                 "size, compares with the papers'." if params["features"]["kind"] == "judge" else
                 "FID: pytorch-fid Inception features against the prepared train split's statistics."), "",
-             foundation_section(params["data"]["prepared_dir"]), ""]
+             foundation_section(params["data"]["prepared_dir"], metrics), ""]
     lines += [line for f in FRONT_PAGE_FIGURES for line in (f"![{f.caption}](plots/{f.notebook}.png)", "")]
     with atomic_path(out / "figures", is_dir=True) as figures:
         for paper in PAPERS:
