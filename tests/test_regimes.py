@@ -84,5 +84,6 @@ def test_sweep_points_verdicts_and_the_stale_copies_skipped(tmp_path, monkeypatc
             "class = 12; not held at fine-tuning images per class = 24.") in text
     assert "| 8 | 15.1 (2 seeds) | 18.2 (2 seeds) | held | few |" in text
     assert "No sweep of `regime.small_images_per_class` found." in text  # Patch: no metrics anywhere
-    assert (repo / "reports" / "plots" / "regime_finediffusion.png").read_bytes()[:4] == b"\x89PNG"
-    assert not (repo / "reports" / "plots" / "regime_patch.png").exists()
+    assert (repo / "reports" / "regime_plots" / "finediffusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (repo / "reports" / "regime_plots" / "patch.png").exists()
+    assert not (repo / "reports" / "plots").exists()  # the report stage's dependency stays the notebooks' alone

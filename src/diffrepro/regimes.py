@@ -12,7 +12,7 @@ This command reads the workspace and every experiment DVC committed (git refs un
 each holds its params.yaml and metrics), keeps a run's metrics only where they were produced under
 the workspace's recipe (conf/) with the regime variable at the experiment's value — so neither the
 stale copies of runs a sweep did not target nor a sweep run before the recipe changed can enter —
-and writes `<report.dir>/regimes.md` with `plots/regime_<paper>.png`: the claim's metric over the
+and writes `<report.dir>/regimes.md` with `regime_plots/<paper>.png`: the claim's metric over the
 variable, each value's verdict by the report's rule.
 """
 
@@ -36,6 +36,7 @@ from diffrepro.profiles import compose, profile_names
 from diffrepro.results import fmt, replicates, verdict
 
 PARAMS_FILE = "params.yaml"
+REGIME_PLOTS = "regime_plots"  # beside plots/, not in it: the report stage depends on plots/ (the notebooks' figures)
 
 
 @dataclass(frozen=True)
@@ -174,9 +175,9 @@ def write(report_dir: Path, found) -> str:
             lines.append(f"| {p.value} | {fmt(mean(p.method))} ({len(p.method)} seeds) | "
                          f"{fmt(mean(p.baseline))} ({len(p.baseline)} seeds) | "
                          f"{verdict(p.method, p.baseline, claim.lower_is_better)} | {p.source} |")
-        name = f"regime_{paper.key}.png"
-        plot(paper, points, report_dir / "plots" / name)
-        lines += ["", f"![{claim.text} vs {paper.regime.label}](plots/{name})", ""]
+        name = f"{paper.key}.png"
+        plot(paper, points, report_dir / REGIME_PLOTS / name)
+        lines += ["", f"![{claim.text} vs {paper.regime.label}]({REGIME_PLOTS}/{name})", ""]
     text = "\n".join(lines)
     with atomic_path(report_dir / "regimes.md") as tmp:
         tmp.write_text(text)
